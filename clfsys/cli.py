@@ -1,0 +1,134 @@
+"""`clfsys <command>`: parses arguments, calls one library function, prints one JSON line.
+
+User mistakes (ClfsysError) become one line on stderr and exit code 2, without a traceback.
+Progress and Keras output go to stderr, so stdout carries only the result line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+from clfsys.errors import ClfsysError, DataError
+
+
+def _config_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--config", required=required, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.01")
+
+
+def _check_out_dir(out: str, force: bool) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--out {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise DataError(f"--out {path} is not empty; choose a new directory or pass --force")
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from clfsys.config import load_config
+    from clfsys.train import publish, train
+
+    cfg = load_config(args.config, args.overrides)
+    out = _check_out_dir(args.out, args.force)
+    result = train(cfg, work_dir=out)
+    print(f"data: {result.dataset.summary()}", file=sys.stderr)
+    return publish(result, out)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from clfsys import bundle, data
+    from clfsys.config import from_dict, load_config
+    from clfsys.train import evaluate
+
+    found = bundle.load(args.model)
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        cfg = from_dict(found.metadata.get("config"))
+        if args.overrides:
+            cfg = cfg.replace(**dict(_parse(o) for o in args.overrides))
+    ds = data.load(cfg.data)
+    if ds.input_shape != found.input_shape:
+        raise DataError(f"test images are {ds.input_shape}, the model {args.model} expects "
+                        f"{found.input_shape}")
+    if ds.class_names != found.class_names:
+        raise DataError(f"the dataset's classes {ds.class_names} differ from the model's "
+                        f"{found.class_names}")
+    metrics = evaluate(found.load_model(), ds.x_test, ds.y_test, ds.class_names)
+    return {"model_id": found.model_id, "accuracy": round(metrics["accuracy"], 4),
+            "loss": round(metrics["loss"], 4), "examples": metrics["examples"],
+            "per_class_accuracy": {k: None if v is None else round(v, 4)
+                                   for k, v in metrics["per_class_accuracy"].items()}}
+
+
+def _parse(text: str) -> tuple[str, Any]:
+    from clfsys.config import parse_override
+
+    return parse_override(text)
+
+
+def cmd_export_images(args: argparse.Namespace) -> dict[str, Any]:
+    from clfsys.config import DataConfig, load_config
+    from clfsys.data import export_images
+
+    if args.config:
+        data_cfg = load_config(args.config, args.overrides).data
+    else:
+        data_cfg = DataConfig(dataset=args.dataset)
+    count = export_images(data_cfg, args.split, args.out, limit=args.limit)
+    print(f"wrote {count} PNG files under {args.out}", file=sys.stderr)
+    return {"out": args.out, "images": count, "split": args.split}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clfsys", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model and write a bundle")
+    _config_args(p, required=True)
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test metrics of a bundle")
+    p.add_argument("--model", required=True, help="bundle directory")
+    _config_args(p, required=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export-images", help="write a dataset split as class folders of PNGs")
+    p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist"])
+    _config_args(p, required=False)
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None, help="export only the first N images")
+    p.set_defaults(func=cmd_export_images)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        with redirect_stdout(sys.stderr):
+            result = args.func(args)
+    except ClfsysError as exc:
+        print(f"clfsys: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clfsys: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

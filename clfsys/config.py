@@ -1,0 +1,293 @@
+"""Typed configuration: one YAML file plus `--set key=value` overrides.
+
+Every section is a frozen dataclass. Unknown keys are rejected and every validation error
+names the dotted key the user typed, e.g. ``train.lr must be > 0, got -1``.
+No TensorFlow or Ray import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clfsys.errors import ConfigError
+
+DATASETS = ("fashion_mnist", "csv", "folder")
+COLOR_MODES = ("grayscale", "rgb")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+MONITORS = ("val_loss", "val_accuracy")
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        shown = int(value) if isinstance(value, float) and value.is_integer() else value
+        raise ConfigError(f"{key} {rule}, got {shown!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    dataset: str = "fashion_mnist"
+    """fashion_mnist (Keras loader), csv (label,pixel1..pixelN) or folder (a subfolder a class)."""
+    path: str | None = None
+    """Training CSV file or image folder (csv/folder only)."""
+    test_path: str | None = None
+    """Held-out test CSV or folder; else a stratified `test_fraction` of `path` is held out."""
+    class_names: list[str] | None = None
+    """Class names for CSV labels 0..N-1 (default: the label numbers)."""
+    image_size: list[int] = field(default_factory=lambda: [64, 64])
+    """Folder images are resized to [height, width]."""
+    color_mode: str = "rgb"
+    """Folder images are converted to rgb or grayscale."""
+    val_fraction: float = 0.1
+    """Stratified fraction of the training data used for validation (model selection)."""
+    test_fraction: float = 0.2
+    """Stratified fraction held out as the test split when there is no `test_path`."""
+    limit: int | None = None
+    """Train on the first N training examples only (quick runs)."""
+    skip_corrupt: bool = False
+    """Folders: skip undecodable images and count them, instead of stopping with the file's name."""
+    seed: int = 0
+    """Seed of the stratified splits."""
+
+    def __post_init__(self) -> None:
+        _check(self.dataset in DATASETS, "data.dataset", f"must be one of {list(DATASETS)}",
+               self.dataset)
+        if self.dataset in ("csv", "folder"):
+            _check(bool(self.path), "data.path", f"is required for dataset {self.dataset!r}",
+                   self.path)
+        _check(len(self.image_size) == 2 and all(s > 0 for s in self.image_size),
+               "data.image_size", "must be [height, width] with positive sizes", self.image_size)
+        _check(self.color_mode in COLOR_MODES, "data.color_mode",
+               f"must be one of {list(COLOR_MODES)}", self.color_mode)
+        _check(0 < self.val_fraction < 1, "data.val_fraction", "must be in (0, 1)",
+               self.val_fraction)
+        _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)",
+               self.test_fraction)
+        if self.limit is not None:
+            _check(self.limit > 0, "data.limit", "must be > 0", self.limit)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture and its parameters; unset parameters take the architecture's default."""
+
+    arch: str = "cnn"
+    """Registered architecture: mlp, cnn, cnn_bn, cnn_wide."""
+    units: list[int] | None = None
+    """mlp: hidden layer widths."""
+    filters: list[int] | None = None
+    """CNNs: filters of each conv block."""
+    kernel_size: int | None = None
+    """CNNs: conv kernel size."""
+    dense: int | None = None
+    """CNNs: width of the dense layer before the classifier."""
+    dropout: float | None = None
+    """Dropout after each hidden layer (mlp) or conv block (CNNs)."""
+    dense_dropout: float | None = None
+    """CNNs with a dropout head: dropout after the dense layer."""
+    augment: bool = False
+    """Random zoom and horizontal flip, active in training only."""
+    zoom: float = 0.1
+    """Random zoom factor when augment is on."""
+    flip: bool = True
+    """Random horizontal flip when augment is on."""
+
+    def __post_init__(self) -> None:
+        for key in ("units", "filters"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(len(value) > 0 and all(v > 0 for v in value), f"model.{key}",
+                       "must be a non-empty list of positive integers", value)
+        for key in ("kernel_size", "dense"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(value > 0, f"model.{key}", "must be > 0", value)
+        for key in ("dropout", "dense_dropout"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(0 <= value < 1, f"model.{key}", "must be in [0, 1)", value)
+        _check(0 <= self.zoom < 1, "model.zoom", "must be in [0, 1)", self.zoom)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, early stopping and logging."""
+
+    optimizer: str = "adam"
+    """sgd, adam or adamw."""
+    lr: float = 1e-3
+    """Learning rate."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    batch_size: int = 32
+    """Mini-batch size."""
+    epochs: int = 20
+    """Maximum epochs."""
+    early_stopping: bool = True
+    """Stop when `monitor` has not improved for `patience` epochs."""
+    monitor: str = "val_loss"
+    """val_loss or val_accuracy: drives early stopping and the best-model checkpoint."""
+    patience: int = 3
+    """Epochs without improvement before stopping."""
+    restore_best_weights: bool = True
+    """Keep the weights of the best epoch, not the last."""
+    tensorboard: bool = True
+    """Write TensorBoard logs under <out>/logs."""
+    seed: int = 42
+    """Global seed (Python, NumPy, TensorFlow)."""
+    verbose: int = 2
+    """Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch."""
+
+    def __post_init__(self) -> None:
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer",
+               f"must be one of {list(OPTIMIZERS)}", self.optimizer)
+        _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.batch_size > 0, "train.batch_size", "must be > 0", self.batch_size)
+        _check(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
+        _check(self.monitor in MONITORS, "train.monitor", f"must be one of {list(MONITORS)}",
+               self.monitor)
+        _check(self.patience >= 0, "train.patience", "must be >= 0", self.patience)
+        _check(self.verbose in (0, 1, 2), "train.verbose", "must be 0, 1 or 2", self.verbose)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole job: one object drives every command."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with dotted-key overrides applied, e.g. replace(**{"train.lr": 0.01})."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return from_dict(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks that name the dotted key.
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    raise AssertionError(f"unsupported config type {hint!r} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    where = prefix or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key {dotted!r} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be dotted, like train.lr")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.01` -> ("train.lr", 0.01); the value is read as YAML (lists, numbers, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, _, value = text.partition("=")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {value!r}: {exc}") from None
+    return key.strip(), parsed
+
+
+def from_dict(raw: dict[str, Any] | None) -> Config:
+    return _build(Config, raw, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults without one) and apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML: {first}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return from_dict(raw)

@@ -1,0 +1,305 @@
+"""Datasets as uint8 NHWC arrays: Fashion-MNIST (Keras loader), Kaggle-style CSV, image folders.
+
+Splits are stratified and seeded. The test split is the dataset's own (Fashion-MNIST's test set,
+`data.test_path`) or a stratified `data.test_fraction` of the data; it is never used for training
+or model selection. `data.limit` caps the training pool (train + validation) to its first N
+examples.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clfsys import images
+from clfsys.config import DataConfig
+from clfsys.errors import ConfigError, DataError
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+@dataclass
+class Dataset:
+    """Train / validation / test arrays (uint8, NHWC) with their class names."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    color_mode: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(file, reason) of images skipped because they could not be decoded."""
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def summary(self) -> str:
+        h, w, c = self.input_shape
+        text = (f"{len(self.x_train)} train / {len(self.x_val)} val / {len(self.x_test)} test "
+                f"images of {h}x{w}x{c}, {len(self.class_names)} classes")
+        if self.skipped:
+            text += f", {len(self.skipped)} undecodable files skipped"
+        return text
+
+
+@dataclass
+class _Pools:
+    """A dataset before the validation split: the training pool and the held-out test split."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    color_mode: str
+    skipped: list[tuple[str, str]]
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (kept, held_out) with `fraction` of every class held out.
+
+    Every class with at least two examples keeps at least one and gives at least one.
+    """
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        rng.shuffle(idx)
+        n = 0
+        if len(idx) >= 2:
+            n = min(max(int(round(len(idx) * fraction)), 1), len(idx) - 1)
+        held.append(idx[:n])
+    held_idx = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
+    kept_idx = np.setdiff1d(np.arange(len(y)), held_idx)
+    return kept_idx, held_idx
+
+
+def load(cfg: DataConfig) -> Dataset:
+    """Load the configured dataset and split it into train / validation / test."""
+    pools = _load_pools(cfg)
+    x, y = pools.x, pools.y
+    if cfg.limit is not None:
+        x, y = x[: cfg.limit], y[: cfg.limit]
+    if len(np.unique(y)) < 2:
+        raise DataError(f"{_describe(cfg)}: the training data has fewer than 2 classes")
+    train_idx, val_idx = stratified_split(y, cfg.val_fraction, cfg.seed)
+    if len(val_idx) == 0:
+        raise DataError(f"{_describe(cfg)}: too few examples for a validation split "
+                        f"({len(y)} examples)")
+    return Dataset(
+        x_train=x[train_idx], y_train=y[train_idx], x_val=x[val_idx], y_val=y[val_idx],
+        x_test=pools.x_test, y_test=pools.y_test, class_names=pools.class_names,
+        color_mode=pools.color_mode, skipped=pools.skipped,
+    )
+
+
+def _describe(cfg: DataConfig) -> str:
+    return cfg.path if cfg.path else cfg.dataset
+
+
+def _load_pools(cfg: DataConfig) -> _Pools:
+    if cfg.dataset == "fashion_mnist":
+        return _fashion_mnist()
+    if cfg.dataset == "csv":
+        return _csv_pools(cfg)
+    return _folder_pools(cfg)
+
+
+# --- Fashion-MNIST ---------------------------------------------------------------------------
+
+
+def _fashion_mnist() -> _Pools:
+    import keras
+
+    try:
+        (x, y), (x_test, y_test) = keras.datasets.fashion_mnist.load_data()
+    except Exception as exc:  # network or cache problems surface as many exception types
+        raise DataError(
+            "cannot load Fashion-MNIST with keras.datasets.fashion_mnist "
+            f"({type(exc).__name__}: {exc}); without a network, copy the four *.gz files to "
+            "~/.keras/datasets/fashion-mnist/"
+        ) from None
+    return _Pools(x[..., None], y.astype(np.int64), x_test[..., None], y_test.astype(np.int64),
+                  list(FASHION_MNIST_CLASSES), "grayscale", [])
+
+
+# --- CSV (label,pixel1,...,pixelN) -----------------------------------------------------------
+
+
+def _read_csv(path: str, class_names: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    import pandas as pd
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"CSV file not found: {file}")
+    try:
+        frame = pd.read_csv(file)
+    except Exception as exc:
+        raise DataError(f"{file}: cannot read CSV: {exc}") from None
+    if frame.shape[1] < 2 or len(frame) == 0:
+        raise DataError(f"{file}: expected a header and rows of label,pixel1,...,pixelN")
+    label_col = "label" if "label" in frame.columns else frame.columns[0]
+    pixels = frame.drop(columns=[label_col])
+    side = math.isqrt(pixels.shape[1])
+    if side * side != pixels.shape[1]:
+        raise DataError(f"{file}: {pixels.shape[1]} pixel columns do not form a square image")
+    bad_cols = [c for c in pixels.columns if not pd.api.types.is_numeric_dtype(pixels[c])]
+    if bad_cols:
+        raise DataError(f"{file}: column {bad_cols[0]!r} is not numeric")
+    values = pixels.to_numpy()
+    if np.isnan(values).any() or values.min() < 0 or values.max() > 255:
+        raise DataError(f"{file}: pixel values must be numbers in 0..255")
+    labels = frame[label_col]
+    if not pd.api.types.is_integer_dtype(labels) or labels.min() < 0:
+        raise DataError(f"{file}: column {label_col!r} must hold integer labels >= 0")
+    y = labels.to_numpy().astype(np.int64)
+    if class_names is not None and y.max() >= len(class_names):
+        raise ConfigError(f"data.class_names has {len(class_names)} names but {file} has "
+                          f"label {int(y.max())}")
+    x = values.astype(np.uint8).reshape(len(frame), side, side, 1)
+    return x, y
+
+
+def _csv_pools(cfg: DataConfig) -> _Pools:
+    x, y = _read_csv(cfg.path, cfg.class_names)
+    if cfg.test_path:
+        x_test, y_test = _read_csv(cfg.test_path, cfg.class_names)
+        if x_test.shape[1:] != x.shape[1:]:
+            raise DataError(f"{cfg.test_path}: images are {x_test.shape[1]}x{x_test.shape[2]}, "
+                            f"the training CSV's are {x.shape[1]}x{x.shape[2]}")
+    else:
+        keep, held = stratified_split(y, cfg.test_fraction, cfg.seed + 1)
+        x, y, x_test, y_test = x[keep], y[keep], x[held], y[held]
+    n_classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
+    names = list(cfg.class_names) if cfg.class_names else [str(i) for i in range(n_classes)]
+    return _Pools(x, y, x_test, y_test, names, "grayscale", [])
+
+
+# --- Image folders (one subfolder per class) -------------------------------------------------
+
+
+def _class_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise DataError(f"{root}: needs at least 2 class subfolders, found {len(folders)}")
+    return folders
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and images.is_image_path(p))
+
+
+def _decode_file(path: Path, size: tuple[int, int], color_mode: str) -> np.ndarray:
+    return images.decode(images.read_bytes(path), size, color_mode)
+
+
+def _read_folder(
+    root: Path, class_names: list[str] | None, cfg: DataConfig
+) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]]]:
+    folders = _class_folders(root)
+    names = [f.name for f in folders]
+    if class_names is not None:
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise DataError(f"{root}: class folder {unknown[0]!r} is not a training class "
+                            f"({', '.join(class_names)})")
+    files: list[Path] = []
+    labels: list[int] = []
+    for folder in folders:
+        found = _image_files(folder)
+        if not found:
+            raise DataError(f"class folder has no images: {folder}")
+        files += found
+        labels += [(class_names or names).index(folder.name)] * len(found)
+    size = (cfg.image_size[0], cfg.image_size[1])
+    shape = (*size, 1 if cfg.color_mode == "grayscale" else 3)
+    x = np.zeros((len(files), *shape), dtype=np.uint8)
+    ok = np.ones(len(files), dtype=bool)
+    skipped: list[tuple[str, str]] = []
+
+    def work(i: int) -> tuple[int, images.ImageError | None]:
+        try:
+            x[i] = _decode_file(files[i], size, cfg.color_mode)
+            return i, None
+        except images.ImageError as exc:
+            return i, exc
+
+    show_progress = len(files) >= 2000
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for done, (i, err) in enumerate(pool.map(work, range(len(files))), start=1):
+            if err is not None:
+                if not cfg.skip_corrupt:
+                    raise DataError(f"{files[i]}: cannot decode image ({err}); fix or remove "
+                                    "it, or set data.skip_corrupt=true to skip such files")
+                ok[i] = False
+                skipped.append((str(files[i]), err.kind))
+                print(f"skipping {files[i]}: {err}", file=sys.stderr)
+            if show_progress and (done % 2000 == 0 or done == len(files)):
+                print(f"decoded {done}/{len(files)} images from {root}", file=sys.stderr)
+    y = np.asarray(labels, dtype=np.int64)
+    return x[ok], y[ok], class_names or names, skipped
+
+
+def _folder_pools(cfg: DataConfig) -> _Pools:
+    x, y, names, skipped = _read_folder(Path(cfg.path), None, cfg)
+    if cfg.test_path:
+        x_test, y_test, _, skipped_test = _read_folder(Path(cfg.test_path), names, cfg)
+        skipped += skipped_test
+    else:
+        keep, held = stratified_split(y, cfg.test_fraction, cfg.seed + 1)
+        x, y, x_test, y_test = x[keep], y[keep], x[held], y[held]
+    return _Pools(x, y, x_test, y_test, names, cfg.color_mode, skipped)
+
+
+# --- Export as PNG class folders -------------------------------------------------------------
+
+
+def safe_folder_names(class_names: list[str]) -> list[str]:
+    """Filesystem-safe, unique folder names: 'T-shirt/top' -> 'T-shirt_top'."""
+    result: list[str] = []
+    for i, name in enumerate(class_names):
+        safe = re.sub(r"[^\w.-]+", "_", name).strip("._") or f"class_{i}"
+        while safe in result:
+            safe = f"{safe}_{i}"
+        result.append(safe)
+    return result
+
+
+def export_images(cfg: DataConfig, split: str, out: str | Path, limit: int | None = None) -> int:
+    """Write one split ('train' = the whole training pool, or 'test') as <out>/<class>/<n>.png."""
+    from PIL import Image
+
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"output folder is not empty: {out}")
+    pools = _load_pools(cfg)
+    x, y = (pools.x, pools.y) if split == "train" else (pools.x_test, pools.y_test)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    folders = safe_folder_names(pools.class_names)
+    for folder in folders:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    width = max(5, len(str(len(x))))
+    for i, (image, label) in enumerate(zip(x, y, strict=True)):
+        pixels = image[..., 0] if image.shape[-1] == 1 else image
+        Image.fromarray(pixels).save(out / folders[label] / f"{split}_{i:0{width}d}.png")
+        if (i + 1) % 10000 == 0:
+            print(f"exported {i + 1}/{len(x)} images", file=sys.stderr)
+    return len(x)

@@ -1,0 +1,17 @@
+"""The user-facing error family: the CLI prints these as one line and exits with code 2."""
+
+
+class ClfsysError(Exception):
+    """A mistake the user can fix (bad config, missing data, foreign bundle)."""
+
+
+class ConfigError(ClfsysError):
+    """A config key is unknown or has a bad value; the message names the dotted key."""
+
+
+class DataError(ClfsysError):
+    """Input data is missing or unusable; the message names the file or folder."""
+
+
+class BundleError(ClfsysError):
+    """A model bundle is missing, foreign or corrupt; the message names the path."""

@@ -1,0 +1,119 @@
+"""The one decode path: image bytes -> the model's uint8 input array.
+
+Used by training on folders, by labelling and by the HTTP endpoint, so all three see exactly the
+same pixels. Decoding honours EXIF orientation, takes the first frame of animations, converts
+CMYK / 16-bit / palette / transparent images to the model's colour mode and resizes to the model's
+input size. Failures raise `ImageError` whose `kind` is one of ERROR_KINDS.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+EMPTY = "empty file"
+NOT_AN_IMAGE = "not an image"
+TRUNCATED = "truncated"
+TOO_MANY_PIXELS = "too many pixels"
+UNREADABLE = "unreadable"
+ERROR_KINDS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_MANY_PIXELS, UNREADABLE)
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Images with more pixels than this are refused before decoding (decompression bombs)."""
+
+
+class ImageError(Exception):
+    """An input that cannot be turned into a model input; `kind` classifies why."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+        self.detail = detail
+
+
+def is_image_path(path: str | Path) -> bool:
+    """True when the file name has one of the supported image extensions (any case)."""
+    return Path(str(path)).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """Read a file, turning OS errors into an `ImageError` of kind 'unreadable'."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageError(UNREADABLE, exc.strerror or str(exc)) from None
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer / float images -> 8-bit 'L', scaled rather than clipped."""
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) <= 65535):
+        arr = arr.astype(np.float64) / 257.0
+    elif im.mode == "F" and arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def _convert(im: Image.Image, color_mode: str) -> Image.Image:
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _to_8bit(im)
+    if im.mode == "P" or im.mode in ("LA", "PA", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "RGBa"):
+        # Transparent pixels become black: the background of Fashion-MNIST-like data.
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    return im.convert("L" if color_mode == "grayscale" else "RGB")
+
+
+def decode(
+    data: bytes,
+    size: tuple[int, int],
+    color_mode: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode one image to a (height, width, channels) uint8 array.
+
+    `size` is (height, width); `color_mode` is 'rgb' (3 channels) or 'grayscale' (1 channel).
+    """
+    if not data:
+        raise ImageError(EMPTY)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageError(TOO_MANY_PIXELS, f"{width}x{height} exceeds {max_pixels:,}")
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+            im.load()  # decode fully now so truncation shows up here
+            im = ImageOps.exif_transpose(im) or im
+            im = _convert(im, color_mode)
+            height_out, width_out = size
+            if im.size != (width_out, height_out):
+                im = im.resize((width_out, height_out), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(TOO_MANY_PIXELS, str(exc)) from None
+    except UnidentifiedImageError:
+        raise ImageError(NOT_AN_IMAGE) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        message = str(exc)
+        lowered = message.lower()
+        if "truncated" in lowered or "broken data stream" in lowered or isinstance(exc, EOFError):
+            raise ImageError(TRUNCATED, message) from None
+        raise ImageError(NOT_AN_IMAGE, message) from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr
+

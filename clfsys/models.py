@@ -1,0 +1,141 @@
+"""Architecture registry: name -> builder(model_cfg, input_shape, num_classes) -> keras.Model.
+
+Every model takes raw uint8 pixels: rescaling to [0, 1] and the optional augmentation layers
+(random zoom, horizontal flip; active only in training) live inside the model. Adding an
+architecture is one builder function and one line in ARCHITECTURES.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from clfsys.config import ModelConfig
+from clfsys.errors import ConfigError
+
+PARAMS = ("units", "filters", "kernel_size", "dense", "dropout", "dense_dropout")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    builder: Callable[..., Any]
+    defaults: dict[str, Any]
+    """Every parameter the builder reads, with its default."""
+
+
+def _inputs(cfg: ModelConfig, input_shape: tuple[int, int, int]) -> tuple[Any, Any]:
+    import keras
+
+    inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    if cfg.augment:
+        if cfg.zoom > 0:
+            x = keras.layers.RandomZoom(cfg.zoom, fill_mode="constant", name="zoom")(x)
+        if cfg.flip:
+            x = keras.layers.RandomFlip("horizontal", name="flip")(x)
+    return inputs, x
+
+
+def _head(x: Any, num_classes: int) -> Any:
+    import keras
+
+    return keras.layers.Dense(num_classes, activation="softmax", name="classes")(x)
+
+
+def build_mlp(cfg: ModelConfig, input_shape, num_classes: int):
+    """Flatten -> Dense(units...) [-> Dropout] -> Dense(classes)."""
+    import keras
+
+    inputs, x = _inputs(cfg, input_shape)
+    x = keras.layers.Flatten()(x)
+    for units in cfg.units:
+        x = keras.layers.Dense(units, activation="relu")(x)
+        if cfg.dropout:
+            x = keras.layers.Dropout(cfg.dropout)(x)
+    return keras.Model(inputs, _head(x, num_classes), name="mlp")
+
+
+def build_cnn(cfg: ModelConfig, input_shape, num_classes: int):
+    """(Conv2D -> MaxPool) per filter count -> Flatten -> Dense -> Dense(classes)."""
+    import keras
+
+    inputs, x = _inputs(cfg, input_shape)
+    for filters in cfg.filters:
+        x = keras.layers.Conv2D(filters, cfg.kernel_size, activation="relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+        if cfg.dropout:
+            x = keras.layers.Dropout(cfg.dropout)(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(cfg.dense, activation="relu")(x)
+    if cfg.dense_dropout:
+        x = keras.layers.Dropout(cfg.dense_dropout)(x)
+    return keras.Model(inputs, _head(x, num_classes), name="cnn")
+
+
+def build_cnn_bn(cfg: ModelConfig, input_shape, num_classes: int):
+    """(BatchNorm -> Conv2D -> MaxPool -> Dropout) per filter count -> Dense -> Dropout."""
+    import keras
+
+    inputs, x = _inputs(cfg, input_shape)
+    for filters in cfg.filters:
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.Conv2D(filters, cfg.kernel_size, padding="same", activation="relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+        x = keras.layers.Dropout(cfg.dropout)(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(cfg.dense, activation="relu")(x)
+    x = keras.layers.Dropout(cfg.dense_dropout)(x)
+    return keras.Model(inputs, _head(x, num_classes), name="cnn_bn")
+
+
+def build_cnn_wide(cfg: ModelConfig, input_shape, num_classes: int):
+    """For larger RGB images: (Conv 5x5 same -> MaxPool) x filters -> Dense(256) -> Dropout."""
+    import keras
+
+    inputs, x = _inputs(cfg, input_shape)
+    for filters in cfg.filters:
+        x = keras.layers.Conv2D(filters, cfg.kernel_size, padding="same", activation="relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+        if cfg.dropout:
+            x = keras.layers.Dropout(cfg.dropout)(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(cfg.dense, activation="relu")(x)
+    x = keras.layers.Dropout(cfg.dense_dropout)(x)
+    return keras.Model(inputs, _head(x, num_classes), name="cnn_wide")
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "mlp": Architecture(build_mlp, {"units": [350], "dropout": 0.0}),
+    "cnn": Architecture(build_cnn, {"filters": [32], "kernel_size": 3, "dense": 100,
+                                    "dropout": 0.0, "dense_dropout": 0.0}),
+    "cnn_bn": Architecture(build_cnn_bn, {"filters": [32, 32], "kernel_size": 3, "dense": 128,
+                                          "dropout": 0.25, "dense_dropout": 0.5}),
+    "cnn_wide": Architecture(build_cnn_wide, {"filters": [32, 64], "kernel_size": 5,
+                                              "dense": 256, "dropout": 0.25,
+                                              "dense_dropout": 0.5}),
+}
+
+
+def resolve(cfg: ModelConfig) -> ModelConfig:
+    """Fill the architecture's defaults into unset parameters; reject parameters it ignores."""
+    if cfg.arch not in ARCHITECTURES:
+        raise ConfigError(f"model.arch must be one of {sorted(ARCHITECTURES)}, got {cfg.arch!r}")
+    defaults = ARCHITECTURES[cfg.arch].defaults
+    filled = {}
+    for name in PARAMS:
+        value = getattr(cfg, name)
+        if name not in defaults:
+            if value is not None:
+                raise ConfigError(f"model.{name} is not a parameter of arch {cfg.arch!r} "
+                                  f"(it takes {', '.join(sorted(defaults))})")
+        elif value is None:
+            filled[name] = defaults[name]
+    return dataclasses.replace(cfg, **filled)
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int):
+    """Build the configured architecture (not compiled)."""
+    cfg = resolve(cfg)
+    return ARCHITECTURES[cfg.arch].builder(cfg, tuple(input_shape), num_classes)

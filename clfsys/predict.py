@@ -1,0 +1,88 @@
+"""Predictor: loads a bundle once and maps batches of raw uint8 images to labels. No Ray.
+
+The same object runs in unit tests, inside Ray Data's `map_batches` and in the Serve replica.
+The model is called through one tf.function with a fixed signature ([None, H, W, C] uint8), so
+batches of any size never retrace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clfsys import images
+from clfsys.bundle import Bundle
+from clfsys.bundle import load as load_bundle
+
+
+def configure_gpu_memory_growth() -> None:
+    """Let several processes share a GPU: TF must not grab all its memory up front."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised in this process
+            pass
+
+
+class Predictor:
+    """Label batches of images with the model in a bundle."""
+
+    def __init__(self, bundle: str | Path | Bundle, top_k: int = 3, batch_size: int = 256):
+        import tensorflow as tf
+
+        configure_gpu_memory_growth()
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.model = self.bundle.load_model()
+        self.class_names = self.bundle.class_names
+        self.top_k = max(1, min(top_k, len(self.class_names)))
+        self.batch_size = batch_size
+        spec = tf.TensorSpec([None, *self.bundle.input_shape], tf.uint8)
+        self._forward = tf.function(lambda x: self.model(x, training=False),
+                                    input_signature=[spec], reduce_retracing=True)
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.model_id
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Image bytes -> this model's input array (raises images.ImageError)."""
+        return images.decode(data, self.bundle.image_size, self.bundle.color_mode)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) uint8 -> (N, classes) probabilities."""
+        batch = np.asarray(batch)
+        expected = self.bundle.input_shape
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), "
+                             f"got {batch.shape}")
+        if batch.dtype != np.uint8:
+            raise ValueError(f"expected uint8 pixels, got {batch.dtype}")
+        if len(batch) == 0:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        out = [np.asarray(self._forward(batch[i:i + self.batch_size]))
+               for i in range(0, len(batch), self.batch_size)]
+        return np.concatenate(out)
+
+    def predict(self, batch: np.ndarray) -> dict[str, Any]:
+        """Labels for a batch: label_index, label, confidence, top_k_index, top_k_score."""
+        probs = self.probabilities(batch)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
+        scores = np.take_along_axis(probs, order, axis=1)
+        index = order[:, 0] if len(order) else np.zeros(0, dtype=np.int64)
+        return {
+            "label_index": index.astype(np.int64),
+            "label": np.asarray([self.class_names[i] for i in index], dtype=object),
+            "confidence": scores[:, 0].astype(np.float64) if len(scores) else np.zeros(0),
+            "top_k_index": order.astype(np.int64),
+            "top_k_score": scores.astype(np.float64),
+        }
+
+    def top_k_records(self, result: dict[str, Any], row: int) -> list[dict[str, Any]]:
+        """Row `row` of `predict()`'s top-k as [{label, score}, ...]."""
+        return [{"label": self.class_names[int(i)], "score": float(s)}
+                for i, s in zip(result["top_k_index"][row], result["top_k_score"][row],
+                                strict=True)]

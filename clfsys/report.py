@@ -1,0 +1,107 @@
+"""Plots (PNG) and HTML pages: learning curves, confusion matrix, sample-prediction grid.
+
+Uses matplotlib's object API (`Figure`) so no global pyplot state or GUI backend is touched.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def learning_curves(
+    history: dict[str, list[float]], path: str | Path, best_epoch: int | None = None,
+    initial_epoch: int = 0, title: str = "Learning curves",
+) -> Path:
+    """Loss and accuracy per epoch, train vs validation, with the kept (best) epoch marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(11, 4)
+    axes = fig.subplots(1, 2)
+    epochs = np.arange(initial_epoch + 1, initial_epoch + 1 + len(history.get("loss", [])))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for key, label, style in ((metric, "train", "-"), (f"val_{metric}", "validation", "--")):
+            if key in history:
+                ax.plot(epochs, history[key], style, marker="o", markersize=3, label=label)
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept epoch {best_epoch}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path)
+    return Path(path)
+
+
+def confusion_matrix(cm: np.ndarray, class_names: list[str], path: str | Path) -> Path:
+    """Counts with true class on rows, predicted on columns; diagonal = correct."""
+    n = len(class_names)
+    size = max(4.0, 0.6 * n + 2)
+    fig = _figure(size + 1, size)
+    ax = fig.subplots()
+    image = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = cm.max() / 2 if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > threshold else "black")
+    accuracy = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(f"Confusion matrix (accuracy {accuracy:.4f})")
+    fig.savefig(path)
+    return Path(path)
+
+
+def sample_grid(
+    x: np.ndarray, y: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path,
+    count: int = 24, seed: int = 0,
+) -> Path:
+    """Random test images with predicted label and confidence: green when right, red when wrong."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(x), size=min(count, len(x)), replace=False)
+    cols = 6
+    rows = max(1, int(np.ceil(len(picks) / cols)))
+    fig = _figure(cols * 1.9, rows * 2.1)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, picks, strict=False):
+        image = x[i]
+        if image.shape[-1] == 1:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(image)
+        pred = int(probs[i].argmax())
+        right = pred == int(y[i])
+        ax.set_title(f"{class_names[pred]} {probs[i, pred]:.0%}\n(true: {class_names[y[i]]})",
+                     fontsize=7, color="green" if right else "red")
+    fig.suptitle("Sample test predictions (green: right, red: wrong)")
+    fig.savefig(path)
+    return Path(path)
+
+
+def html_page(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
+    """A plain HTML page; each section is (heading, html body)."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+             "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for heading, body in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
+    parts.append("</body></html>")
+    Path(path).write_text("\n".join(parts))
+    return Path(path)

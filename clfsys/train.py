@@ -1,0 +1,189 @@
+"""Plain Keras training and evaluation. Knows nothing of Ray.
+
+`train()` fits the configured model with early stopping, a best-model checkpoint and TensorBoard
+logs; `evaluate()` scores a model on arrays; `publish()` evaluates on the held-out test split,
+draws the plots and writes the model bundle.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clfsys import data as data_mod
+from clfsys.config import Config, TrainConfig
+from clfsys.data import Dataset
+from clfsys.models import build_model, resolve
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    history: dict[str, list[float]]
+    dataset: Dataset
+    config: Config
+    epochs_run: int
+    best_epoch: int
+    """1-based epoch whose weights the model holds (the best by `train.monitor`)."""
+    stopped_early: bool
+    wall_s: float
+    initial_epoch: int = 0
+    """Epochs done before this run (the history starts after them)."""
+
+    @property
+    def best_val_accuracy(self) -> float:
+        return float(self.history["val_accuracy"][self.best_epoch - 1 - self.initial_epoch])
+
+
+def make_optimizer(cfg: TrainConfig):
+    import keras
+
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
+    return keras.optimizers.Adam(learning_rate=cfg.lr)
+
+
+def compile_model(model, cfg: TrainConfig) -> None:
+    model.compile(optimizer=make_optimizer(cfg), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+
+
+def train(
+    cfg: Config,
+    *,
+    dataset: Dataset | None = None,
+    work_dir: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
+    model: Any = None,
+    initial_epoch: int = 0,
+) -> TrainResult:
+    """Train the configured model; returns it holding the weights of its best epoch.
+
+    `work_dir` receives the best-model checkpoint (checkpoints/best.weights.h5) and TensorBoard
+    logs (logs/). `model` and `initial_epoch` continue a compiled model from a checkpoint.
+    """
+    import keras
+
+    started = time.perf_counter()
+    resolve(cfg.model)  # unknown architecture: fail before loading any data
+    keras.utils.set_random_seed(cfg.train.seed)
+    dataset = dataset if dataset is not None else data_mod.load(cfg.data)
+    if model is None:
+        model = build_model(cfg.model, dataset.input_shape, len(dataset.class_names))
+        compile_model(model, cfg.train)
+    tc = cfg.train
+    patience = tc.patience if tc.early_stopping else tc.epochs
+    stopper = keras.callbacks.EarlyStopping(monitor=tc.monitor, patience=patience,
+                                            restore_best_weights=tc.restore_best_weights)
+    all_callbacks: list[Any] = [stopper]
+    if work_dir is not None:
+        work = Path(work_dir)
+        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+        all_callbacks.append(keras.callbacks.ModelCheckpoint(
+            work / "checkpoints" / "best.weights.h5", monitor=tc.monitor, save_best_only=True,
+            save_weights_only=True))
+        if tc.tensorboard:
+            all_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(work / "logs")))
+    all_callbacks += list(callbacks)
+    fit = model.fit(
+        dataset.x_train, dataset.y_train, validation_data=(dataset.x_val, dataset.y_val),
+        batch_size=tc.batch_size, epochs=tc.epochs, initial_epoch=initial_epoch,
+        callbacks=all_callbacks, verbose=tc.verbose,
+    )
+    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
+    epochs_run = initial_epoch + len(history.get("loss", []))
+    monitored = history.get(tc.monitor, [])
+    if monitored and tc.restore_best_weights:
+        pick = np.argmin if tc.monitor == "val_loss" else np.argmax
+        best_epoch = initial_epoch + int(pick(monitored)) + 1
+    else:
+        best_epoch = epochs_run
+    return TrainResult(model=model, history=history, dataset=dataset, config=cfg,
+                       epochs_run=epochs_run, best_epoch=best_epoch,
+                       stopped_early=epochs_run < tc.epochs,
+                       wall_s=time.perf_counter() - started, initial_epoch=initial_epoch)
+
+
+def predict_probs(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+
+
+def metrics_from_probs(probs: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
+    """Loss, accuracy, per-class accuracy and the confusion matrix (rows = true class)."""
+    n = len(class_names)
+    pred = probs.argmax(axis=1)
+    picked = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    per_class = {
+        name: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None)
+        for i, name in enumerate(class_names)
+    }
+    return {
+        "loss": float(-np.log(picked).mean()),
+        "accuracy": float((pred == y).mean()),
+        "examples": int(len(y)),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
+    """Test metrics of `model` on (x, y): loss, accuracy, per-class accuracy, confusion matrix."""
+    return metrics_from_probs(predict_probs(model, x), y, class_names)
+
+
+def publish(
+    result: TrainResult, out_dir: str | Path, extra_metadata: dict | None = None
+) -> dict[str, Any]:
+    """Evaluate on the held-out test split, draw the plots and write the bundle to `out_dir`.
+
+    Returns the summary printed by `clfsys train`.
+    """
+    from clfsys import bundle, report
+
+    out = Path(out_dir)
+    ds = result.dataset
+    probs = predict_probs(result.model, ds.x_test)
+    test = metrics_from_probs(probs, ds.y_test, ds.class_names)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    report.learning_curves(result.history, plots / "learning_curves.png",
+                           best_epoch=result.best_epoch, initial_epoch=result.initial_epoch)
+    report.confusion_matrix(np.asarray(test["confusion_matrix"]), ds.class_names,
+                            plots / "confusion_matrix.png")
+    report.sample_grid(ds.x_test, ds.y_test, probs, ds.class_names, plots / "samples.png",
+                       seed=result.config.train.seed)
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "val_accuracy": result.best_val_accuracy,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "train_wall_s": round(result.wall_s, 1),
+        "test": test,
+        "data": {"train": len(ds.x_train), "val": len(ds.x_val), "test": len(ds.x_test),
+                 "skipped_files": len(ds.skipped)},
+    }
+    config = result.config.to_dict()
+    config["model"] = {**config["model"], **vars(resolve(result.config.model))}
+    meta = bundle.save(out, result.model, class_names=ds.class_names,
+                       color_mode=ds.color_mode, config=config, metrics=metrics,
+                       history=result.history, extra=extra_metadata)
+    print(f"bundle written to {out} (plots in {plots})", file=sys.stderr)
+    return {
+        "bundle": str(out), "model_id": meta["model_id"],
+        "test_accuracy": round(test["accuracy"], 4), "test_loss": round(test["loss"], 4),
+        "val_accuracy": round(result.best_val_accuracy, 4), "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+    }
+

@@ -1,0 +1,49 @@
+"""`make demo`: the main job end to end on the real Fashion-MNIST, through the real CLI.
+
+Each step is printed as the command a user would type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> dict:
+    command = [sys.executable, "-m", "clfsys.cli", *args]
+    print(f"\n$ clfsys {shlex.join(args)}", flush=True)
+    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit(f"demo step failed (exit {done.returncode}): clfsys {shlex.join(args)}")
+    line = done.stdout.strip().splitlines()[-1]
+    print(line, flush=True)
+    return json.loads(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    bundle = out / "bundle"
+    trained = run("train", "--config", "jobs/fashion_mnist.yaml",
+                  "--set", f"train.epochs={args.epochs}", "--out", str(bundle))
+    tested = run("evaluate", "--model", str(bundle))
+    print("\n== demo done ==")
+    print(f"model bundle:    {bundle}  (model_id {trained['model_id']})")
+    print(f"test accuracy:   {tested['accuracy']:.4f} on {tested['examples']} test images")
+    print(f"plots:           {bundle / 'plots'}/{{learning_curves,confusion_matrix,samples}}.png")
+    print(f"TensorBoard:     tensorboard --logdir {bundle / 'logs'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny generated image folders, CSVs and one small trained bundle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+KERAS_FMNIST = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets" / \
+    "fashion-mnist"
+CLASSES = ["left", "right", "top"]
+
+
+def pattern_image(label: int, size: int, rng: np.random.Generator, channels: int = 3):
+    """A class-specific bright half (left / right / top) on noise: easy to learn, not trivial."""
+    image = rng.integers(0, 60, size=(size, size, channels), dtype=np.uint8)
+    half = size // 2
+    if label == 0:
+        image[:, :half] += 150
+    elif label == 1:
+        image[:, half:] += 150
+    else:
+        image[:half, :] += 150
+    return image
+
+
+def write_folder(root: Path, per_class: int, size: int = 20, seed: int = 0,
+                 classes=CLASSES, nested: bool = False) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        folder = root / name / ("sub" if nested else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            ext = ("png", "jpg", "PNG")[i % 3]
+            image = Image.fromarray(pattern_image(label, size, rng))
+            image.save(folder / f"img_{i}.{ext}", format="JPEG" if ext == "jpg" else "PNG",
+                       **({"quality": 95} if ext == "jpg" else {}))
+    return root
+
+
+def write_csv(path: Path, rows: int, side: int = 8, seed: int = 0, classes: int = 3) -> Path:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(rows) % classes
+    pixels = np.stack([pattern_image(int(y), side, rng, 1).ravel() for y in labels])
+    header = "label," + ",".join(f"pixel{i + 1}" for i in range(side * side))
+    lines = [header] + [f"{y}," + ",".join(map(str, p)) for y, p in zip(labels, pixels,
+                                                                         strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_folder(tmp_path / "images", per_class=12)
+
+
+def folder_config(path: Path, **overrides):
+    from clfsys.config import load_config
+
+    sets = {
+        "data.dataset": "folder", "data.path": str(path), "data.image_size": [20, 20],
+        "data.val_fraction": 0.2, "data.test_fraction": 0.2, "model.arch": "cnn",
+        "model.filters": [8], "model.dense": 16, "train.epochs": 6, "train.batch_size": 8,
+        "train.lr": 0.005, "train.verbose": 0, "train.patience": 6,
+    }
+    sets.update(overrides)
+    return load_config(None, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                              for k, v in sets.items()])
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory) -> Path:
+    """One real training run on a generated folder, published as a bundle (shared, read-only)."""
+    from clfsys.train import publish, train
+
+    root = tmp_path_factory.mktemp("bundle_data")
+    folder = write_folder(root / "images", per_class=30)
+    out = root / "bundle"
+    result = train(folder_config(folder, **{"train.epochs": 8}), work_dir=out)
+    publish(result, out)
+    return out
+
+
+def needs_fashion_mnist():
+    have = all((KERAS_FMNIST / f).is_file() for f in (
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+    return pytest.mark.skipif(not have, reason=f"Fashion-MNIST not in {KERAS_FMNIST} "
+                              "(make test seeds it from ../shared)")

@@ -1,0 +1,61 @@
+import pytest
+
+from clfsys.config import Config, load_config, parse_override
+from clfsys.errors import ConfigError
+
+
+def test_defaults_and_yaml_with_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("model:\n  arch: mlp\n  units: [300, 100]\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(path, ["train.lr=1e-3", "train.epochs=3", "data.limit=null"])
+    assert cfg.model.arch == "mlp" and cfg.model.units == [300, 100]
+    assert cfg.train.lr == pytest.approx(0.001)  # "1e-3" is a string to YAML 1.1: accepted
+    assert cfg.train.epochs == 3 and cfg.data.limit is None
+    assert cfg.data.dataset == "fashion_mnist"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1", "train.lr must be > 0, got -1"),
+    ("train.lr=abc", "train.lr must be a number, got 'abc'"),
+    ("train.epochs=2.5", "train.epochs must be an integer, got 2.5"),
+    ("train.early_stopping=maybe", "train.early_stopping must be true or false"),
+    ("train.optimizer=rmsprop", "train.optimizer must be one of"),
+    ("train.foo=1", "unknown config key 'train.foo'"),
+    ("bogus.key=1", "unknown config key 'bogus'"),
+    ("model.units=[0, 5]", "model.units must be a non-empty list of positive integers"),
+    ("model.units=7", "model.units must be a list"),
+    ("data.val_fraction=1.5", "data.val_fraction must be in (0, 1), got 1.5"),
+    ("data.dataset=folder", "data.path is required for dataset 'folder'"),
+    ("lr=0.1", "must be dotted"),
+    ("train.lr", "--set expects key=value"),
+])
+def test_errors_name_the_dotted_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "list.yaml"
+    wrong.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(wrong)
+
+
+def test_round_trip_and_replace():
+    cfg = load_config(None, ["model.arch=cnn_bn", "model.filters=[16, 32]"])
+    again = Config.replace(cfg, **{"train.lr": 0.05})
+    assert again.train.lr == 0.05 and again.model.filters == [16, 32]
+    assert load_config(None, []).to_dict() == Config().to_dict()
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("model.units=[1, 2]") == ("model.units", [1, 2])
+    assert parse_override("data.path=/a/b=c") == ("data.path", "/a/b=c")
+    assert parse_override("data.limit=") == ("data.limit", None)

@@ -1,0 +1,121 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clfsys import images
+from clfsys.images import ImageError, decode
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def rgb():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"])
+@pytest.mark.parametrize("mode, channels", [("rgb", 3), ("grayscale", 1)])
+def test_formats_decode_to_model_shape(rgb, fmt, mode, channels):
+    out = decode(encode(rgb, fmt), (28, 24), mode)
+    assert out.shape == (28, 24, channels) and out.dtype == np.uint8
+
+
+def test_png_pixels_are_exact_when_no_resize_is_needed(rgb):
+    assert np.array_equal(decode(encode(rgb, "PNG"), (30, 40), "rgb"), np.asarray(rgb))
+
+
+def test_grayscale_to_rgb_repeats_the_channel():
+    gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    out = decode(encode(gray, "PNG"), (8, 8), "rgb")
+    assert np.array_equal(out[..., 0], out[..., 2]) and np.array_equal(out[..., 0], gray)
+
+
+def test_cmyk_jpeg(rgb):
+    out = decode(encode(rgb.convert("CMYK"), "JPEG"), (30, 40), "rgb")
+    assert np.abs(out.astype(int) - np.asarray(rgb, dtype=int)).mean() < 30
+
+
+def test_16bit_is_scaled_not_clipped():
+    values = np.full((4, 4), 65535 // 2, dtype=np.uint16)
+    out = decode(encode(Image.fromarray(values), "PNG"), (4, 4), "grayscale")
+    assert 120 <= int(out.mean()) <= 135
+
+
+def test_transparency_is_composited_on_black():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[:2, :, 3] = 255  # top half opaque, bottom half transparent
+    out = decode(encode(Image.fromarray(rgba, "RGBA"), "PNG"), (4, 4), "grayscale")
+    assert out[:2].min() == 200 and out[2:].max() == 0
+
+
+def test_palette_with_transparency(rgb):
+    out = decode(encode(rgb.convert("P"), "PNG", transparency=0), (30, 40), "rgb")
+    assert out.shape == (30, 40, 3)
+
+
+def test_animation_takes_the_first_frame():
+    frames = [Image.new("L", (6, 6), v) for v in (10, 240)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    out = decode(buffer.getvalue(), (6, 6), "grayscale")
+    assert abs(int(out.mean()) - 10) <= 2
+
+
+def test_exif_orientation_is_honoured():
+    image = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (20, 1)))  # wide ramp
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90: displayed tall
+    data = encode(image, "JPEG", exif=exif)
+    assert Image.open(io.BytesIO(data)).size == (40, 20)
+    from PIL import ImageOps
+
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+    assert expected.shape == (40, 20)
+    out = decode(data, (40, 20), "grayscale")
+    assert np.abs(out[..., 0].astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("payload, kind", [
+    (b"", images.EMPTY),
+    (b"this is plain text, not pixels" * 4, images.NOT_AN_IMAGE),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, images.NOT_AN_IMAGE),
+])
+def test_error_kinds(payload, kind):
+    with pytest.raises(ImageError) as err:
+        decode(payload, (8, 8), "rgb")
+    assert err.value.kind == kind
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated(rgb, fmt):
+    data = encode(rgb, fmt)
+    with pytest.raises(ImageError) as err:
+        decode(data[: len(data) // 3], (8, 8), "rgb")
+    assert err.value.kind == images.TRUNCATED
+
+
+def test_too_many_pixels_is_refused_before_decoding():
+    data = encode(Image.new("L", (3000, 2000)), "PNG")
+    with pytest.raises(ImageError) as err:
+        decode(data, (8, 8), "rgb", max_pixels=5_000_000)
+    assert err.value.kind == images.TOO_MANY_PIXELS
+    assert decode(data, (8, 8), "rgb", max_pixels=6_000_000).shape == (8, 8, 3)
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ImageError) as err:
+        images.read_bytes(tmp_path / "missing.png")
+    assert err.value.kind == images.UNREADABLE
+
+
+def test_extensions_are_case_insensitive():
+    assert images.is_image_path("a/B.JPeG") and images.is_image_path("x.webp")
+    assert not images.is_image_path("notes.txt") and not images.is_image_path("png")

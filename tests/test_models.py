@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from clfsys.config import ModelConfig
+from clfsys.errors import ConfigError
+from clfsys.models import ARCHITECTURES, build_model, resolve
+
+
+@pytest.mark.parametrize("arch, params, expected", [
+    ("mlp", {"units": [350]}, 278_260),
+    ("mlp", {"units": [300, 100]}, 266_610),
+    ("mlp", {"units": [128]}, 101_770),
+    ("cnn", {}, 542_230),
+])
+def test_tutorial_parameter_counts(arch, params, expected):
+    model = build_model(ModelConfig(arch=arch, **params), (28, 28, 1), 10)
+    assert model.count_params() == expected
+
+
+def test_augmentation_adds_no_parameters_and_acts_only_in_training():
+    plain = build_model(ModelConfig(arch="cnn"), (28, 28, 1), 10)
+    augmented = build_model(ModelConfig(arch="cnn", augment=True, zoom=0.3), (28, 28, 1), 10)
+    assert augmented.count_params() == plain.count_params() == 542_230
+    x = np.random.default_rng(0).integers(0, 255, (4, 28, 28, 1), dtype=np.uint8)
+    infer = [np.asarray(augmented(x, training=False)) for _ in range(2)]
+    assert np.array_equal(infer[0], infer[1])
+    trained = [np.asarray(augmented(x, training=True)) for _ in range(3)]
+    assert any(not np.allclose(t, infer[0]) for t in trained)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_takes_uint8_pixels(arch):
+    shape = (32, 32, 3)
+    model = build_model(ModelConfig(arch=arch, augment=True), shape, 4)
+    assert model.inputs[0].dtype == "uint8"
+    out = np.asarray(model(np.zeros((2, *shape), dtype=np.uint8), training=False))
+    assert out.shape == (2, 4) and np.allclose(out.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_cnn_bn_has_batch_norm_and_dropout():
+    model = build_model(ModelConfig(arch="cnn_bn"), (28, 28, 1), 10)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("BatchNormalization") == 2 and kinds.count("Conv2D") == 2
+    assert kinds.count("Dropout") == 3
+
+
+def test_resolve_fills_defaults_and_rejects_foreign_parameters():
+    assert resolve(ModelConfig(arch="mlp")).units == [350]
+    assert resolve(ModelConfig(arch="cnn_bn", filters=[8])).filters == [8]
+    with pytest.raises(ConfigError, match="model.units is not a parameter of arch 'cnn'"):
+        resolve(ModelConfig(arch="cnn", units=[10]))
+    with pytest.raises(ConfigError, match="model.arch must be one of"):
+        resolve(ModelConfig(arch="resnet9000"))

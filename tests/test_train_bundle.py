@@ -1,0 +1,129 @@
+"""Real training runs on generated folders, the bundle round trip and the Predictor."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import folder_config, write_folder
+
+from clfsys import bundle
+from clfsys.data import load
+from clfsys.errors import BundleError
+from clfsys.predict import Predictor
+from clfsys.train import evaluate, train
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_learns_and_writes_checkpoint_and_logs(image_folder, tmp_path):
+    cfg = folder_config(image_folder, **{"train.epochs": 10})
+    result = train(cfg, work_dir=tmp_path / "work")
+    assert result.epochs_run == len(result.history["loss"]) <= 10
+    assert 1 <= result.best_epoch <= result.epochs_run
+    assert result.best_epoch == int(np.argmin(result.history["val_loss"])) + 1
+    assert (tmp_path / "work" / "checkpoints" / "best.weights.h5").is_file()
+    assert list((tmp_path / "work" / "logs").rglob("events.out.tfevents*"))
+    ds = result.dataset
+    metrics = evaluate(result.model, ds.x_test, ds.y_test, ds.class_names)
+    assert metrics["accuracy"] > 0.6  # three classes: chance is 0.33
+    cm = np.asarray(metrics["confusion_matrix"])
+    assert cm.sum() == len(ds.y_test) and np.trace(cm) / cm.sum() == metrics["accuracy"]
+
+
+def test_early_stopping_restores_the_best_epoch(image_folder):
+    # A huge learning rate makes validation loss get worse: training stops after `patience`.
+    cfg = folder_config(image_folder, **{"train.epochs": 30, "train.patience": 1,
+                                         "train.optimizer": "sgd", "train.lr": 0.5})
+    result = train(cfg)
+    assert result.stopped_early and result.epochs_run < 30
+    losses = result.history["val_loss"]
+    assert result.best_epoch == int(np.argmin(losses)) + 1
+
+
+def test_bundle_round_trip_and_saved_model(trained_bundle):
+    import tensorflow as tf
+
+    found = bundle.load(trained_bundle)
+    meta = found.metadata
+    assert meta["class_names"] == ["left", "right", "top"]
+    assert meta["input_shape"] == [20, 20, 3] and meta["color_mode"] == "rgb"
+    assert meta["config"]["model"]["arch"] == "cnn" and meta["config"]["model"]["kernel_size"] == 3
+    assert {"tensorflow", "keras", "clfsys"} <= set(meta["versions"])
+    assert 0 <= meta["metrics"]["test_accuracy"] <= 1
+    for plot in ("learning_curves", "confusion_matrix", "samples"):
+        assert (trained_bundle / "plots" / f"{plot}.png").stat().st_size > 5000
+    assert json.loads((trained_bundle / "history.json").read_text())["loss"]
+
+    cfg_data = meta["config"]["data"]
+    ds = load(bundle_data_config(cfg_data))
+    model = found.load_model()
+    direct = np.asarray(model.predict(ds.x_test, verbose=0))
+    served = tf.saved_model.load(str(trained_bundle / "saved_model"))
+    exported = np.asarray(served.serve(tf.constant(ds.x_test)))
+    np.testing.assert_allclose(exported, direct, rtol=1e-5, atol=1e-6)
+    predictor = Predictor(trained_bundle)
+    np.testing.assert_allclose(predictor.probabilities(ds.x_test), direct, rtol=1e-5, atol=1e-6)
+    assert meta["metrics"]["test_accuracy"] == pytest.approx(
+        float((direct.argmax(1) == ds.y_test).mean()))
+
+
+def bundle_data_config(raw):
+    from clfsys.config import from_dict
+
+    return from_dict({"data": raw}).data
+
+
+def test_predictor_outputs(trained_bundle):
+    predictor = Predictor(trained_bundle, top_k=2)
+    from conftest import pattern_image
+
+    rng = np.random.default_rng(5)
+    batch = np.stack([pattern_image(label, 20, rng) for label in (0, 1, 2, 0)])
+    out = predictor.predict(batch)
+    assert list(out["label"]) == [predictor.class_names[i] for i in out["label_index"]]
+    assert out["top_k_index"].shape == (4, 2)
+    assert np.all(out["top_k_score"][:, 0] >= out["top_k_score"][:, 1])
+    assert np.allclose(out["confidence"], out["top_k_score"][:, 0])
+    assert list(out["label"]).count("left") >= 1
+    records = predictor.top_k_records(out, 0)
+    assert records[0]["label"] == out["label"][0] and len(records) == 2
+    assert predictor.predict(batch[:0])["label_index"].shape == (0,)
+    with pytest.raises(ValueError, match="expected images of shape"):
+        predictor.predict(np.zeros((1, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="expected uint8"):
+        predictor.predict(batch.astype(np.float32))
+
+
+def test_predictor_decode_path_matches_training_pixels(trained_bundle, tmp_path):
+    predictor = Predictor(trained_bundle)
+    root = write_folder(tmp_path / "one", per_class=1, size=20)
+    file = next(root.rglob("*.png"))
+    from clfsys.images import decode
+
+    assert np.array_equal(predictor.decode(file.read_bytes()),
+                          decode(file.read_bytes(), (20, 20), "rgb"))
+
+
+def test_bundle_errors(trained_bundle, tmp_path):
+    with pytest.raises(BundleError, match="model bundle not found"):
+        bundle.load(tmp_path / "nothing")
+    with pytest.raises(BundleError, match="not a clfsys model bundle"):
+        bundle.load(tmp_path)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "metadata.json").write_text('{"format": "something-else"}')
+    with pytest.raises(BundleError, match="not a clfsys model bundle"):
+        bundle.load(foreign)
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_bundle, broken)
+    (broken / "model.keras").write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(BundleError, match="cannot load the model"):
+        bundle.load(broken).load_model()
+    tampered = tmp_path / "tampered"
+    shutil.copytree(trained_bundle, tampered)
+    meta = json.loads((tampered / "metadata.json").read_text())
+    meta["model_id"] = "0" * 16
+    (tampered / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="do not match metadata model_id"):
+        bundle.load(tampered).load_model()
