@@ -88,6 +88,14 @@ def cmd_export_images(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, "images": count, "split": args.split}
 
 
+def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
+    from clfsys.config import load_config
+    from clfsys.search import run_search
+
+    cfg = load_config(args.config, args.overrides)
+    return run_search(cfg, args.out, resume=args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clfsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="bundle directory")
     _config_args(p, required=False)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tune", help="search architectures and learning rates on Ray Tune")
+    _config_args(p, required=True)
+    p.add_argument("--out", required=True, help="directory for trials, best/ and report/")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("export-images", help="write a dataset split as class folders of PNGs")
     p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist"])

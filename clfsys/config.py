@@ -162,6 +162,74 @@ class TrainConfig:
         _check(self.verbose in (0, 1, 2), "train.verbose", "must be 0, 1 or 2", self.verbose)
 
 
+SEARCHERS = ("random", "optuna")
+SCHEDULERS = ("asha", "none")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Resources of one trial; fractional GPUs share a card (TF memory growth is on)."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.cpu > 0, "tune.resources.cpu", "must be > 0", self.cpu)
+        _check(self.gpu >= 0, "tune.resources.gpu", "must be >= 0", self.gpu)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Architecture / learning-rate search on Ray Tune (`clfsys tune`)."""
+
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space: dotted config key -> {choice|uniform|loguniform|randint: ...} or a value;
+    `model.arch` maps each architecture to its own (conditional) parameters."""
+    searcher: str = "random"
+    """random (seeded) or optuna (TPE)."""
+    num_samples: int = 12
+    """Trials to sample."""
+    max_concurrent_trials: int | None = None
+    """At most this many trials at once (default: as many as resources allow)."""
+    time_budget_s: float | None = None
+    """Stop starting and running trials after this many seconds."""
+    seed: int = 0
+    """Seed of the searcher."""
+    scheduler: str = "asha"
+    """asha (stop weak trials early) or none (every trial runs to max_epochs)."""
+    max_epochs: int = 12
+    """Epochs per trial at most (replaces train.epochs)."""
+    grace_period: int = 2
+    """ASHA: epochs every trial gets before it may be stopped."""
+    reduction_factor: int = 3
+    """ASHA: keep the top 1/reduction_factor at each rung."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    max_failures: int = 1
+    """Retries of a failed trial, resumed from its last checkpoint."""
+    storage_path: str | None = None
+    """Where Tune keeps trial state and checkpoints: shared storage (s3://..., NFS) on a
+    multi-node cluster; default <out>/ray."""
+
+    def __post_init__(self) -> None:
+        _check(self.searcher in SEARCHERS, "tune.searcher", f"must be one of {list(SEARCHERS)}",
+               self.searcher)
+        _check(self.scheduler in SCHEDULERS, "tune.scheduler",
+               f"must be one of {list(SCHEDULERS)}", self.scheduler)
+        _check(self.num_samples > 0, "tune.num_samples", "must be > 0", self.num_samples)
+        if self.max_concurrent_trials is not None:
+            _check(self.max_concurrent_trials > 0, "tune.max_concurrent_trials", "must be > 0",
+                   self.max_concurrent_trials)
+        if self.time_budget_s is not None:
+            _check(self.time_budget_s > 0, "tune.time_budget_s", "must be > 0",
+                   self.time_budget_s)
+        _check(self.max_epochs > 0, "tune.max_epochs", "must be > 0", self.max_epochs)
+        _check(1 <= self.grace_period <= self.max_epochs, "tune.grace_period",
+               "must be between 1 and tune.max_epochs", self.grace_period)
+        _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2",
+               self.reduction_factor)
+        _check(self.max_failures >= 0, "tune.max_failures", "must be >= 0", self.max_failures)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole job: one object drives every command."""
@@ -169,6 +237,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,6 +262,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)

@@ -105,3 +105,54 @@ def html_page(path: str | Path, title: str, sections: list[tuple[str, str]]) -> 
     parts.append("</body></html>")
     Path(path).write_text("\n".join(parts))
     return Path(path)
+
+
+_END_MARKERS = {"asha": ("x", "stopped by ASHA"), "early_stopping": ("o", "Keras early stopping"),
+                "max_epochs": ("s", "ran max epochs"), "error": ("X", "errored"),
+                "time_budget": ("v", "time budget")}
+
+
+def trial_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], stopped_by: dict[str, str],
+                 best: str, path: str | Path) -> Path:
+    """Validation accuracy per epoch of every trial; the end marker says why each one stopped."""
+    fig = _figure(11, 6)
+    ax = fig.subplots()
+    for trial_id, (epochs, values) in curves.items():
+        is_best = trial_id == best
+        label = f"{trial_id} (best)" if is_best else None
+        line, = ax.plot(epochs, values, linewidth=2.5 if is_best else 1,
+                        alpha=1 if is_best else 0.6, label=label)
+        marker = _END_MARKERS.get(stopped_by.get(trial_id, ""), ("", ""))[0]
+        if marker and len(epochs):
+            ax.plot(epochs[-1], values[-1], marker=marker, color=line.get_color(), markersize=8)
+    for marker, label in _END_MARKERS.values():
+        ax.plot([], [], marker=marker, linestyle="", color="grey", label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"{len(curves)} trials: where each one stopped")
+    fig.savefig(path)
+    return Path(path)
+
+
+def leaderboard(rows: list[dict], path: str | Path, top: int = 15) -> Path:
+    """Horizontal bars of the best validation accuracy of the top trials."""
+    rows = rows[:top]
+    fig = _figure(10, 0.45 * len(rows) + 1.5)
+    ax = fig.subplots()
+    labels = [f"{r['trial_id']} {r.get('param.model.arch') or ''}" for r in rows][::-1]
+    values = [r["best_val_accuracy"] for r in rows][::-1]
+    bars = ax.barh(labels, values, color="tab:blue")
+    for bar, value in zip(bars, values, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.4f}",
+                va="center", fontsize=8)
+    low = min(values)
+    ax.set_xlim(max(0.0, low - (1 - low) * 0.5), 1.0)
+    ax.set_xlabel("best validation accuracy")
+    ax.set_title("Leaderboard")
+    fig.savefig(path)
+    return Path(path)

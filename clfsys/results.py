@@ -1,0 +1,177 @@
+"""A finished search -> trials.csv / trials.parquet, the best model's bundle and report/.
+
+Reads Tune's ResultGrid (any storage Tune can read); knows nothing of how trials ran.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clfsys import report
+from clfsys.config import Config
+from clfsys.data import Dataset
+from clfsys.errors import DataError
+from clfsys.space import overrides, trial_config
+
+ASHA_LOG = "asha_stopped.json"
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, list | dict) else value
+
+
+def trial_rows(grid, cfg: Config, out: Path) -> tuple[list[dict], dict[str, Any]]:
+    """One row per trial, and each trial's Result by id."""
+    asha = json.loads((out / ASHA_LOG).read_text()) if (out / ASHA_LOG).exists() else {}
+    rows, by_id = [], {}
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        frame = result.metrics_dataframe
+        has_curve = frame is not None and len(frame) and "val_accuracy" in frame
+        epochs = int(metrics.get("epoch", 0))
+        if result.error is not None:
+            stopped_by = "error"
+        elif trial_id in asha:
+            stopped_by = "asha"
+        elif metrics.get("keras_stopped"):
+            stopped_by = "early_stopping"
+        elif epochs >= cfg.tune.max_epochs:
+            stopped_by = "max_epochs"
+        else:
+            stopped_by = "time_budget"
+        error = None
+        if result.error is not None:
+            lines = [line for line in str(result.error).strip().splitlines() if line.strip()]
+            error = lines[-1][:300] if lines else type(result.error).__name__
+        rows.append({
+            "trial_id": trial_id,
+            **{f"param.{k}": _cell(v) for k, v in overrides(result.config).items()},
+            "best_val_accuracy": float(frame["val_accuracy"].max()) if has_curve else None,
+            "epochs_run": epochs,
+            "asha_stopped": trial_id in asha,
+            "stopped_by": stopped_by,
+            "status": "ERROR" if result.error is not None else "TERMINATED",
+            "error": error,
+            "wall_s": round(float(metrics.get("time_total_s", 0.0)), 1),
+            "node_id": metrics.get("node_id"),
+            "cuda_visible_devices": metrics.get("cuda_visible_devices"),
+            "path": str(result.path),
+        })
+        by_id[trial_id] = result
+    rows.sort(key=lambda r: -1 if r["best_val_accuracy"] is None else -r["best_val_accuracy"])
+    return rows, by_id
+
+
+def _best_bundle(result, row: dict, cfg: Config, dataset: Dataset, out: Path) -> dict[str, Any]:
+    import keras
+
+    from clfsys.train import TrainResult, publish
+
+    if result.checkpoint is None:
+        raise DataError(f"trial {row['trial_id']} has no checkpoint under {row['path']}")
+    with result.checkpoint.as_directory() as folder:
+        state = json.loads((Path(folder) / "state.json").read_text())
+        model = keras.saving.load_model(Path(folder) / "best.keras")
+    trial_cfg = trial_config(cfg, result.config).replace(**{
+        "train.epochs": cfg.tune.max_epochs})
+    trained = TrainResult(
+        model=model, history=state["history"], dataset=dataset, config=trial_cfg,
+        epochs_run=state["epoch"], best_epoch=state["best_epoch"],
+        stopped_early=state["epoch"] < cfg.tune.max_epochs, wall_s=row["wall_s"])
+    search_info = {"trial_id": row["trial_id"], "stopped_by": row["stopped_by"],
+                   "params": {k[6:]: v for k, v in row.items() if k.startswith("param.")}}
+    return publish(trained, out / "best", extra_metadata={"search": search_info})
+
+
+def _curves(by_id: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    curves = {}
+    for trial_id, result in by_id.items():
+        frame = result.metrics_dataframe
+        if frame is not None and len(frame) and "val_accuracy" in frame:
+            frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
+            curves[trial_id] = (frame["epoch"].to_numpy(), frame["val_accuracy"].to_numpy())
+    return curves
+
+
+def _leaderboard_html(rows: list[dict]) -> str:
+    columns = ["trial_id"] + sorted({k for r in rows for k in r if k.startswith("param.")}) + [
+        "best_val_accuracy", "epochs_run", "stopped_by", "wall_s", "error"]
+    head = "".join(f"<th>{html.escape(c.removeprefix('param.'))}</th>" for c in columns)
+    body = []
+    for rank, row in enumerate(rows, start=1):
+        cells = []
+        for c in columns:
+            value = row.get(c)
+            if isinstance(value, float):
+                value = f"{value:.4g}" if c != "best_val_accuracy" else f"{value:.4f}"
+            cells.append(f"<td>{html.escape('' if value is None else str(value))}</td>")
+        body.append(f"<tr><td>{rank}</td>{''.join(cells)}</tr>")
+    return f"<table><tr><th>#</th>{head}</tr>{''.join(body)}</table>"
+
+
+def write_outputs(grid, cfg: Config, dataset: Dataset, out: Path, wall_s: float) -> dict:
+    """Write trials.csv/.parquet, best/ and report/; print a summary; return the result line."""
+    import pandas as pd
+
+    rows, by_id = trial_rows(grid, cfg, out)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "trials.csv", index=False)
+    table.to_parquet(out / "trials.parquet", index=False)
+    finished = [r for r in rows if r["status"] != "ERROR" and r["best_val_accuracy"] is not None]
+    if not finished:
+        raise DataError(f"no trial finished successfully; see {out / 'trials.csv'}")
+    best_row = finished[0]
+    summary = _best_bundle(by_id[best_row["trial_id"]], best_row, cfg, dataset, out)
+
+    pages = out / "report"
+    pages.mkdir(exist_ok=True)
+    report.trial_curves(_curves(by_id), {r["trial_id"]: r["stopped_by"] for r in rows},
+                        best_row["trial_id"], pages / "trial_curves.png")
+    report.leaderboard(finished, pages / "leaderboard.png")
+    for plot in ("learning_curves", "confusion_matrix", "samples"):
+        shutil.copy(out / "best" / "plots" / f"{plot}.png", pages / f"best_{plot}.png")
+    epochs_total = int(table["epochs_run"].sum())
+    errored = int((table["status"] == "ERROR").sum())
+    report.html_page(pages / "index.html", "clfsys search report", [
+        ("Summary", f"<p>{len(rows)} trials ({errored} errored), {epochs_total} epochs in "
+                    f"{wall_s:.0f} s. Best trial <b>{html.escape(best_row['trial_id'])}</b>: "
+                    f"validation accuracy {best_row['best_val_accuracy']:.4f}, test accuracy "
+                    f"<b>{summary['test_accuracy']:.4f}</b> (test split used once, for the "
+                    "best model only).</p><p><a href='../trials.csv'>trials.csv</a> &middot; "
+                    "<a href='../best/metadata.json'>best/metadata.json</a> &middot; "
+                    f"TensorBoard: <code>tensorboard --logdir "
+                    f"{html.escape(experiment_dir(by_id))}</code></p>"),
+        ("Trials: validation accuracy per epoch", "<img src='trial_curves.png'>"),
+        ("Leaderboard", "<img src='leaderboard.png'>" + _leaderboard_html(rows)),
+        ("Best model: learning curves", "<img src='best_learning_curves.png'>"),
+        ("Best model: confusion matrix (test)", "<img src='best_confusion_matrix.png'>"),
+        ("Best model: sample test predictions", "<img src='best_samples.png'>"),
+    ])
+    print(f"\n== search done: {len(rows)} trials, {errored} errored, {epochs_total} epochs, "
+          f"{wall_s:.0f} s", file=sys.stderr)
+    for rank, row in enumerate(rows[:5], start=1):
+        params = ", ".join(f"{k[6:]}={v}" for k, v in row.items()
+                           if k.startswith("param.") and v is not None and v == v)
+        score = "-" if row["best_val_accuracy"] is None else f"{row['best_val_accuracy']:.4f}"
+        print(f"  {rank}. {row['trial_id']} val_acc={score} epochs={row['epochs_run']} "
+              f"({row['stopped_by']}) {params}", file=sys.stderr)
+    print(f"best model: {out / 'best'}; report: {pages / 'index.html'}", file=sys.stderr)
+    return {
+        "best_trial": best_row["trial_id"], "val_accuracy": round(best_row["best_val_accuracy"], 4),
+        "test_accuracy": summary["test_accuracy"], "model_id": summary["model_id"],
+        "bundle": str(out / "best"), "trials": len(rows), "errored": errored,
+        "epochs_total": epochs_total, "wall_s": round(wall_s, 1),
+    }
+
+
+def experiment_dir(by_id: dict[str, Any]) -> str:
+    paths = [str(r.path) for r in by_id.values()]
+    return str(Path(paths[0]).parent) if paths else ""

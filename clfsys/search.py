@@ -1,0 +1,255 @@
+"""Architecture and learning-rate search on Ray Tune.
+
+A trial is `train()` with the sampled overrides and a Keras callback that reports every epoch to
+Tune with a checkpoint (the latest model for retries, the best model so far, the epoch and the
+history). ASHA stops weak trials across the search; Keras EarlyStopping stops each trial from
+inside. Selection uses validation accuracy only; the test split is touched once, by the best
+model, when its bundle is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clfsys import data as data_mod
+from clfsys.config import Config, from_dict
+from clfsys.errors import DataError
+from clfsys.results import ASHA_LOG
+from clfsys.space import Param, check_space, parse_space, trial_config
+
+EXPERIMENT = "search"
+METRIC = "val_accuracy"
+
+
+# --- inside a trial (a Ray worker process) ---------------------------------------------------
+
+
+def _reporter_class():
+    import keras
+    from ray import tune
+
+    class TuneReporter(keras.callbacks.Callback):
+        """Reports each epoch to Tune with a checkpoint; fails the trial on a NaN loss."""
+
+        def __init__(self, state: dict[str, Any], scratch: Path):
+            super().__init__()
+            self.state = state
+            self.scratch = scratch
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise FloatingPointError(
+                    f"loss is {float(loss)} at epoch {self.state['epoch'] + 1}, batch {batch + 1}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            state = self.state
+            state["epoch"] = epoch + 1
+            for key, value in logs.items():
+                state["history"].setdefault(key, []).append(value)
+            if not math.isfinite(logs.get("loss", 0.0)):
+                raise FloatingPointError(f"loss is {logs['loss']} at epoch {epoch + 1}")
+            best = self.scratch / "best.keras"
+            if state["best_val_accuracy"] is None or logs[METRIC] > state["best_val_accuracy"]:
+                state["best_val_accuracy"] = logs[METRIC]
+                state["best_epoch"] = epoch + 1
+                self.model.save(best)
+            with tempfile.TemporaryDirectory(prefix="clfsys-ckpt-") as folder:
+                self.model.save(Path(folder) / "model.keras")
+                shutil.copy(best, Path(folder) / "best.keras")
+                (Path(folder) / "state.json").write_text(json.dumps(state))
+                tune.report({
+                    **logs, "epoch": epoch + 1, "best_val_accuracy": state["best_val_accuracy"],
+                    "keras_stopped": bool(self.model.stop_training), **_placement(),
+                }, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    return TuneReporter
+
+
+def _placement() -> dict[str, Any]:
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+
+
+def _configure_tensorflow(cpus: float) -> None:
+    """Threads to match the trial's CPUs; GPU memory growth so fractional GPUs share a card."""
+    import tensorflow as tf
+
+    from clfsys.predict import configure_gpu_memory_growth
+
+    threads = max(1, int(cpus))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:  # TF already initialised in this process
+        pass
+    configure_gpu_memory_growth()
+
+
+def _trial(sample: dict[str, Any], base: dict, dataset, callbacks: Sequence[Any] = ()) -> None:
+    import keras
+    from ray import tune
+
+    from clfsys.train import train
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    base_cfg = from_dict(base)
+    cfg = trial_config(base_cfg, sample).replace(**{
+        "train.epochs": base_cfg.tune.max_epochs, "train.verbose": 0})
+    _configure_tensorflow(base_cfg.tune.resources.cpu)
+    scratch = Path(tempfile.mkdtemp(prefix="clfsys-trial-"))
+    state: dict[str, Any] = {"epoch": 0, "history": {}, "best_val_accuracy": None,
+                             "best_epoch": 0}
+    model = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = json.loads((Path(folder) / "state.json").read_text())
+            model = keras.saving.load_model(Path(folder) / "model.keras")  # with optimizer
+            shutil.copy(Path(folder) / "best.keras", scratch / "best.keras")
+        print(f"resuming from checkpoint at epoch {state['epoch']}", file=sys.stderr)
+    if state["epoch"] >= cfg.train.epochs:
+        return
+    reporter = _reporter_class()(state, scratch)
+    try:
+        train(cfg, dataset=dataset, work_dir=tune.get_context().get_trial_dir(),
+              callbacks=[reporter, *callbacks], model=model, initial_epoch=state["epoch"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --- on the driver ---------------------------------------------------------------------------
+
+
+def _domain(param: Param):
+    from ray import tune
+
+    if param.kind == "fixed":
+        return param.args[0]
+    if param.kind == "choice":
+        return tune.choice(list(param.args))
+    if param.kind == "uniform":
+        return tune.uniform(*param.args)
+    if param.kind == "loguniform":
+        return tune.loguniform(*param.args)
+    return tune.randint(param.args[0], param.args[1] + 1)  # inclusive bounds
+
+
+def _scheduler(cfg: Config, out: Path):
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+    if cfg.tune.scheduler == "none":
+        return FIFOScheduler()
+    log = out / ASHA_LOG
+    max_epochs = cfg.tune.max_epochs
+
+    class RecordingASHA(AsyncHyperBandScheduler):
+        """ASHA that records which trials it stopped before max_epochs (for trials.csv)."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and result.get("epoch", max_epochs) < max_epochs:
+                stopped = json.loads(log.read_text()) if log.exists() else {}
+                stopped[trial.trial_id] = result["epoch"]
+                log.write_text(json.dumps(stopped))
+            return action
+
+    return RecordingASHA(time_attr="epoch", max_t=max_epochs,
+                         grace_period=cfg.tune.grace_period,
+                         reduction_factor=cfg.tune.reduction_factor)
+
+
+def _searcher(cfg: Config):
+    if cfg.tune.searcher == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=TPESampler(seed=cfg.tune.seed))
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.tune.seed)
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def experiment_path(cfg: Config, out: Path) -> str:
+    storage = cfg.tune.storage_path or str((out / "ray").resolve())
+    return f"{storage.rstrip('/')}/{EXPERIMENT}"
+
+
+def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
+               callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run (or resume) the search; write trials.csv/.parquet, best/ and report/ in `out_dir`.
+
+    `callbacks` are extra Keras callbacks run inside every trial.
+    """
+    from ray import tune
+
+    params = parse_space(cfg.tune.space)
+    check_space(cfg, params)
+    out = Path(out_dir)
+    path = experiment_path(cfg, out)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise DataError(f"nothing to resume at {path}: no search state found")
+    elif out.is_dir() and any(out.iterdir()):
+        raise DataError(f"--out {out} is not empty; pass --resume to continue the search "
+                        "there, or choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    dataset = data_mod.load(cfg.data)
+    print(f"data: {dataset.summary()}", file=sys.stderr)
+    init_ray()
+    resources = {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu}
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=cfg.to_dict(), dataset=dataset,
+                             callbacks=list(callbacks)), resources)
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={p.name: _domain(p) for p in params},
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=cfg.tune.num_samples,
+                search_alg=_searcher(cfg), scheduler=_scheduler(cfg, out),
+                max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                time_budget_s=cfg.tune.time_budget_s, reuse_actors=False,
+                trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
+        )
+    grid = tuner.fit()
+    from clfsys.results import write_outputs
+
+    return write_outputs(grid, cfg, dataset, out, wall_s=time.perf_counter() - started)
