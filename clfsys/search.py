@@ -210,6 +210,8 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
 
     `callbacks` are extra Keras callbacks run inside every trial.
     """
+    # Checkpointing every epoch is intended; Tune's advice to checkpoint less is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
 
     params = parse_space(cfg.tune.space)

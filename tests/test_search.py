@@ -1,0 +1,127 @@
+"""Real Ray Tune searches on a local Ray instance with tiny generated data."""
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import folder_config, write_folder
+
+from clfsys import bundle
+from clfsys.search import run_search
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # callbacks below go to workers
+    yield
+    ray.shutdown()
+
+
+def search_config(folder: Path, space: str, **overrides):
+    sets = {"data.image_size": [16, 16], "train.optimizer": "sgd", "train.patience": 10,
+            "tune.space": yaml.safe_load(space), "tune.seed": 0, "tune.max_epochs": 4,
+            "tune.max_failures": 0}
+    sets.update(overrides)
+    return folder_config(folder).replace(**sets)
+
+
+def epochs_reported(trial_path: str) -> list[int]:
+    lines = Path(trial_path, "result.json").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in lines if line.strip()]
+
+
+def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
+    folder = write_folder(tmp_path / "images", per_class=20, size=16)
+    cfg = search_config(folder, """
+        train.lr: {choice: [0.001, 0.05, 1.0e+12]}
+        model.arch:
+          cnn: {model.filters: {choice: [[4], [8]]}, model.dense: 16}
+          mlp: {model.units: {choice: [[16], [32]]}}
+        """, **{"tune.num_samples": 8, "tune.max_concurrent_trials": 1,
+                "tune.grace_period": 1, "tune.reduction_factor": 2})
+    out = tmp_path / "search"
+    result = run_search(cfg, out)
+
+    table = pd.read_csv(out / "trials.csv")
+    assert table.equals(pd.read_parquet(out / "trials.parquet").astype(table.dtypes))
+    assert len(table) == 8 and table["trial_id"].is_unique
+    assert {"param.model.arch", "param.train.lr", "best_val_accuracy", "epochs_run",
+            "asha_stopped", "status", "wall_s"} <= set(table.columns)
+    # Conditional parameters: each trial carries only its own architecture's.
+    for _, row in table.iterrows():
+        own = "param.model.filters" if row["param.model.arch"] == "cnn" else "param.model.units"
+        other = "param.model.units" if own == "param.model.filters" else "param.model.filters"
+        assert pd.notna(row[own]) and pd.isna(row.get(other))
+    diverged = table[table["param.train.lr"] > 1]
+    assert len(diverged) >= 1 and (diverged["status"] == "ERROR").all()
+    assert diverged["error"].str.contains("loss is").all()
+    sane = table[table["param.train.lr"] < 1]
+    assert len(sane) >= 2 and (sane["status"] == "TERMINATED").all()
+    assert (sane["epochs_run"] <= 4).all()
+    stopped = sane[sane["asha_stopped"]]
+    assert len(stopped) >= 1 and (stopped["epochs_run"] < 4).all()
+    assert (stopped["stopped_by"] == "asha").all()
+
+    best = sane.sort_values("best_val_accuracy", ascending=False).iloc[0]
+    assert result["best_trial"] == best["trial_id"]
+    found = bundle.load(out / "best")
+    assert found.metadata["search"]["trial_id"] == best["trial_id"]
+    assert found.metrics["val_accuracy"] == pytest.approx(best["best_val_accuracy"])
+    assert result["test_accuracy"] == pytest.approx(found.metrics["test_accuracy"], abs=1e-4)
+    found.load_model()
+
+    page = (out / "report" / "index.html").read_text()
+    for image in ("trial_curves.png", "leaderboard.png", "best_confusion_matrix.png",
+                  "best_samples.png", "best_learning_curves.png"):
+        assert image in page and (out / "report" / image).stat().st_size > 5000
+    for path in sane["path"]:
+        assert list(Path(path, "logs").rglob("events.out.tfevents*")), path
+    assert "search done: 8 trials" in capsys.readouterr().err
+
+
+class FailOnce:
+    """Keras callback: raise at the start of `epoch` (0-based) the first time only."""
+
+    def __new__(cls, marker: Path, epoch: int):
+        import keras
+
+        class _Fail(keras.callbacks.Callback):
+            def on_epoch_begin(self, index, logs=None):
+                if index == epoch and not marker.exists():
+                    marker.write_text("failed once")
+                    raise RuntimeError("injected worker failure")
+
+        return _Fail()
+
+
+def test_failed_trial_is_retried_from_its_checkpoint(tmp_path):
+    folder = write_folder(tmp_path / "images", per_class=10, size=16)
+    cfg = search_config(folder, "train.lr: 0.02", **{
+        "tune.num_samples": 1, "tune.scheduler": "none", "tune.max_failures": 1})
+    marker = tmp_path / "failed.txt"
+    run_search(cfg, tmp_path / "out", callbacks=[FailOnce(marker, epoch=2)])
+    assert marker.exists()
+    row = pd.read_csv(tmp_path / "out" / "trials.csv").iloc[0]
+    assert row["status"] == "TERMINATED" and row["epochs_run"] == 4
+    # Epochs 1-2 ran, the failure hit epoch 3, the retry resumed at epoch 3: nothing repeated.
+    assert epochs_reported(row["path"]) == [1, 2, 3, 4]
+    history = json.loads((tmp_path / "out" / "best" / "history.json").read_text())
+    assert len(history["loss"]) == 4
+
+
+def test_bad_space_fails_before_ray_starts(tmp_path):
+    from clfsys.errors import ConfigError
+
+    folder = write_folder(tmp_path / "images", per_class=3, size=16)
+    cfg = search_config(folder, "train.learning_rate: {choice: [0.1]}")
+    with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
+        run_search(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
