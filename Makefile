@@ -8,7 +8,7 @@ KERAS_CACHE := $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick bench lint seed-data clean
+.PHONY: demo test test-quick bench bench-seeds bench-search lint seed-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,13 @@ test: $(STAMP) seed-data
 test-quick: $(STAMP) seed-data
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: $(STAMP) seed-data
+bench: bench-seeds bench-search
+
+bench-seeds: $(STAMP) seed-data
 	$(BIN)/python benchmarks/seeds.py
+
+bench-search: $(STAMP) seed-data
+	$(BIN)/python benchmarks/search.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check clfsys tests benchmarks jobs

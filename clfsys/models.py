@@ -57,13 +57,12 @@ def build_mlp(cfg: ModelConfig, input_shape, num_classes: int):
     return keras.Model(inputs, _head(x, num_classes), name="mlp")
 
 
-def build_cnn(cfg: ModelConfig, input_shape, num_classes: int):
-    """(Conv2D -> MaxPool) per filter count -> Flatten -> Dense -> Dense(classes)."""
+def _conv_net(cfg: ModelConfig, input_shape, num_classes: int, padding: str, name: str):
     import keras
 
     inputs, x = _inputs(cfg, input_shape)
     for filters in cfg.filters:
-        x = keras.layers.Conv2D(filters, cfg.kernel_size, activation="relu")(x)
+        x = keras.layers.Conv2D(filters, cfg.kernel_size, padding=padding, activation="relu")(x)
         x = keras.layers.MaxPooling2D()(x)
         if cfg.dropout:
             x = keras.layers.Dropout(cfg.dropout)(x)
@@ -71,7 +70,12 @@ def build_cnn(cfg: ModelConfig, input_shape, num_classes: int):
     x = keras.layers.Dense(cfg.dense, activation="relu")(x)
     if cfg.dense_dropout:
         x = keras.layers.Dropout(cfg.dense_dropout)(x)
-    return keras.Model(inputs, _head(x, num_classes), name="cnn")
+    return keras.Model(inputs, _head(x, num_classes), name=name)
+
+
+def build_cnn(cfg: ModelConfig, input_shape, num_classes: int):
+    """(Conv2D valid -> MaxPool) per filter count -> Flatten -> Dense -> Dense(classes)."""
+    return _conv_net(cfg, input_shape, num_classes, padding="valid", name="cnn")
 
 
 def build_cnn_bn(cfg: ModelConfig, input_shape, num_classes: int):
@@ -91,19 +95,9 @@ def build_cnn_bn(cfg: ModelConfig, input_shape, num_classes: int):
 
 
 def build_cnn_wide(cfg: ModelConfig, input_shape, num_classes: int):
-    """For larger RGB images: (Conv 5x5 same -> MaxPool) x filters -> Dense(256) -> Dropout."""
-    import keras
-
-    inputs, x = _inputs(cfg, input_shape)
-    for filters in cfg.filters:
-        x = keras.layers.Conv2D(filters, cfg.kernel_size, padding="same", activation="relu")(x)
-        x = keras.layers.MaxPooling2D()(x)
-        if cfg.dropout:
-            x = keras.layers.Dropout(cfg.dropout)(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(cfg.dense, activation="relu")(x)
-    x = keras.layers.Dropout(cfg.dense_dropout)(x)
-    return keras.Model(inputs, _head(x, num_classes), name="cnn_wide")
+    """For larger RGB images: (Conv 5x5 same -> MaxPool -> Dropout) per filter count ->
+    Dense(256) -> Dropout -> Dense(classes)."""
+    return _conv_net(cfg, input_shape, num_classes, padding="same", name="cnn_wide")
 
 
 ARCHITECTURES: dict[str, Architecture] = {

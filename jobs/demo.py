@@ -30,19 +30,28 @@ def run(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=4, help="trials of the small search")
+    parser.add_argument("--epochs", type=int, default=3, help="max epochs per trial")
+    parser.add_argument("--limit", type=int, default=12000, help="training images used")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    bundle = out / "bundle"
-    trained = run("train", "--config", "jobs/fashion_mnist.yaml",
-                  "--set", f"train.epochs={args.epochs}", "--out", str(bundle))
+    search = out / "search"
+    searched = run("tune", "--config", "jobs/fashion_mnist.yaml",
+                   "--set", f"data.limit={args.limit}", "--set", f"tune.num_samples={args.samples}",
+                   "--set", f"tune.max_epochs={args.epochs}", "--set", "tune.grace_period=1",
+                   "--out", str(search))
+    bundle = search / "best"
     tested = run("evaluate", "--model", str(bundle))
     print("\n== demo done ==")
-    print(f"model bundle:    {bundle}  (model_id {trained['model_id']})")
+    print(f"search:          {searched['trials']} trials, {searched['epochs_total']} epochs, "
+          f"{searched['wall_s']:.0f} s; table in {search / 'trials.csv'}")
+    print(f"report:          {search / 'report' / 'index.html'}")
+    print(f"best model:      {bundle}  (trial {searched['best_trial']}, "
+          f"model_id {searched['model_id']})")
     print(f"test accuracy:   {tested['accuracy']:.4f} on {tested['examples']} test images")
     print(f"plots:           {bundle / 'plots'}/{{learning_curves,confusion_matrix,samples}}.png")
-    print(f"TensorBoard:     tensorboard --logdir {bundle / 'logs'}")
+    print(f"TensorBoard:     tensorboard --logdir {search / 'ray' / 'search'}")
 
 
 if __name__ == "__main__":
