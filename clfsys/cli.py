@@ -96,6 +96,15 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
     return run_search(cfg, args.out, resume=args.resume)
 
 
+def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
+    from clfsys.label import LabelOptions, run_label
+
+    options = LabelOptions(batch_size=args.batch_size, actors=args.actors,
+                           num_gpus=args.num_gpus, top_k=args.top_k,
+                           min_confidence=args.min_confidence)
+    return run_label(args.model, args.input, args.output, resume=args.resume, options=options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clfsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for trials, best/ and report/")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("label", help="label image files into a Parquet dataset with Ray Data")
+    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--input", required=True, action="append",
+                   help="directory, file or glob (local or s3://, gs://); repeatable")
+    p.add_argument("--output", required=True, help="Parquet dataset directory")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--actors", type=int, default=1, help="Predictor actors")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--min-confidence", type=float, default=0.5,
+                   help="rows below this confidence get needs_review=true")
+    p.add_argument("--resume", action="store_true",
+                   help="label only the files not yet in --output")
+    p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("export-images", help="write a dataset split as class folders of PNGs")
     p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from clfsys import data as data_mod
+from clfsys.cluster import init_ray
 from clfsys.config import Config, from_dict
 from clfsys.errors import DataError
 from clfsys.results import ASHA_LOG
@@ -185,18 +186,6 @@ def _searcher(cfg: Config):
 
 def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
-
-
-def init_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
 
 
 def experiment_path(cfg: Config, out: Path) -> str:
