@@ -124,7 +124,8 @@ class LabelActor:
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
-        errors = list(batch["error"])
+        # An all-null error column can come back from Arrow as NaNs: only strings are errors.
+        errors = [e if isinstance(e, str) else None for e in batch["error"]]
         n = len(errors)
         ok = np.array([e is None for e in errors], dtype=bool)
         label: list[Any] = [None] * n

@@ -1,0 +1,225 @@
+"""`clfsys label` on real files with a real local Ray: every file accounted for."""
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, needs_fashion_mnist
+from PIL import Image
+
+from clfsys import label
+from clfsys.errors import DataError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shutdown_ray():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fmnist_bundle(tmp_path_factory) -> Path:
+    """A small real Fashion-MNIST model (28x28 grayscale), trained for one epoch."""
+    from clfsys.config import load_config
+    from clfsys.train import publish, train
+
+    out = tmp_path_factory.mktemp("fm") / "bundle"
+    cfg = load_config(None, ["data.limit=3000", "model.arch=mlp", "model.units=[32]",
+                             "train.epochs=1", "train.verbose=0", "train.tensorboard=false"])
+    publish(train(cfg), out)
+    return out
+
+
+def png(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb's calling card)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def write_zoo(root: Path) -> dict[str, str | None]:
+    """Good and bad files of every kind; returns file name -> expected error (None: labelled)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    (root / "nested" / "deeper").mkdir(parents=True)
+    files: dict[str, bytes] = {}
+    expected: dict[str, str | None] = {}
+
+    def add(name: str, data: bytes, error: str | None) -> None:
+        files[name] = data
+        expected[name] = error
+
+    for i in range(5):
+        add(f"nested/good_{i}.png", png(rng.integers(0, 255, (28, 28), dtype=np.uint8)), None)
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(jpeg, "JPEG")
+    add("cmyk.JPG", jpeg.getvalue(), None)
+    add("sixteen_bit.png", png(np.full((20, 20), 40000, dtype=np.uint16)), None)
+    add("palette_alpha.png", png(np.asarray(Image.fromarray(rgb).convert("P")),
+                                 transparency=0), None)
+    add("gray.webp", _encode(Image.fromarray(rgb).convert("L"), "WEBP"), None)
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    add("nested/deeper/animated.gif", gif.getvalue(), None)
+    add("tiff_image.tiff", _encode(Image.fromarray(rgb), "TIFF"), None)
+    add("empty.png", b"", "empty file")
+    add("nested/not_really.jpeg", b"just some text, not pixels", "not an image")
+    good = png(rgb)
+    add("truncated.png", good[: len(good) // 2], "truncated")
+    add("bomb.png", huge_png_header(100_000, 100_000), "too many pixels")
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    os.symlink(root / "nowhere.png", root / "dangling.png")  # listed, but cannot be read
+    expected["dangling.png"] = "unreadable"
+    (root / "notes.txt").write_text("not an input")
+    return expected
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def read_rows(output: Path) -> list[dict]:
+    return pq.read_table(output).to_pylist()
+
+
+def test_every_file_gets_exactly_one_row_with_the_right_error(fmnist_bundle, tmp_path, capsys):
+    root = tmp_path / "zoo"
+    expected = write_zoo(root)
+    out = tmp_path / "labels"
+    summary = label.run_label(str(fmnist_bundle), [str(root)], str(out))
+    rows = read_rows(out)
+    by_path = {Path(r["path"]).relative_to(root).as_posix(): r for r in rows}
+    assert len(rows) == len(by_path) == len(expected)
+    assert set(by_path) == set(expected)
+    for name, error in expected.items():
+        row = by_path[name]
+        assert row["error"] == error, name
+        if error is None:
+            assert row["label"] in json.loads((fmnist_bundle / "metadata.json").read_text())[
+                "class_names"]
+            assert 0 <= row["confidence"] <= 1 and len(row["top_k"]) == 3
+            assert row["top_k"][0]["label"] == row["label"]
+            assert row["needs_review"] == (row["confidence"] < 0.5)
+        else:
+            assert row["label"] is None and row["confidence"] is None
+    assert summary["files"] == len(expected) and summary["missing"] == 0
+    assert summary["errors"] == {"empty file": 1, "not an image": 1, "truncated": 1,
+                                 "too many pixels": 1, "unreadable": 1}
+    assert "labelled 11 of 16 files" in capsys.readouterr().err
+
+
+def test_parquet_schema_and_readers(fmnist_bundle, tmp_path):
+    import duckdb
+    import pandas as pd
+
+    root = tmp_path / "few"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(png(np.full((28, 28), i * 80, dtype=np.uint8)))
+    (root / "bad.png").write_bytes(b"")
+    out = tmp_path / "labels"
+    label.run_label(str(fmnist_bundle), [str(root / "*.png")], str(out))
+    assert pq.read_schema(next(out.glob("*.parquet"))) == label.schema()
+    frame = pd.read_parquet(out)
+    assert list(frame.columns) == ["path", "label", "label_index", "confidence", "top_k",
+                                   "needs_review", "error", "model_id"]
+    assert frame["model_id"].nunique() == 1
+    count, errors = duckdb.sql(
+        f"select count(*), count(error) from read_parquet('{out}/*.parquet')").fetchall()[0]
+    assert (count, errors) == (4, 1)
+
+
+@needs_fashion_mnist()
+def test_labels_match_the_predictor_on_the_original_arrays(fmnist_bundle, tmp_path):
+    import keras
+
+    from clfsys.config import DataConfig
+    from clfsys.data import export_images
+    from clfsys.predict import Predictor
+
+    export = tmp_path / "export"
+    export_images(DataConfig(), "test", export, limit=300)
+    out = tmp_path / "labels"
+    label.run_label(str(fmnist_bundle), [str(export)], str(out),
+                    options=label.LabelOptions(batch_size=64, actors=2))
+    rows = read_rows(out)
+    assert len(rows) == 300
+    _, (x_test, _) = keras.datasets.fashion_mnist.load_data()
+    direct = Predictor(fmnist_bundle).predict(x_test[:300, :, :, None])
+    for row in rows:
+        i = int(Path(row["path"]).stem.split("_")[1])
+        assert row["label_index"] == direct["label_index"][i]
+        assert row["confidence"] == pytest.approx(direct["confidence"][i], abs=1e-6)
+
+
+def test_refuses_a_non_empty_output_without_resume(fmnist_bundle, tmp_path):
+    out = tmp_path / "labels"
+    out.mkdir()
+    (out / "old.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="already holds 1 Parquet files; pass --resume"):
+        label.run_label(str(fmnist_bundle), [str(tmp_path)], str(out))
+    with pytest.raises(DataError, match="no image files"):
+        label.run_label(str(fmnist_bundle), [str(out)], str(tmp_path / "o2"))
+
+
+def test_resume_after_a_kill_labels_every_file_exactly_once(fmnist_bundle, tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3000):
+        (root / f"{i:05d}.png").write_bytes(png(rng.integers(0, 255, (28, 28), dtype=np.uint8)))
+    out = tmp_path / "labels"
+    command = [sys.executable, "-m", "clfsys.cli", "label", "--model", str(fmnist_bundle),
+               "--input", str(root), "--output", str(out), "--batch-size", "32"]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None:
+            if list(out.glob("*.parquet")):
+                break
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    partial = read_rows(out) if list(out.glob("*.parquet")) else []
+    assert 0 < len(partial) < 3000, (tmp_path / "first.log").read_text()[-2000:]
+    (out / "torn.parquet").write_bytes(b"PAR1 torn by a crash")  # a half-written file
+
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    done = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (out / "torn.parquet").exists()
+    rows = read_rows(out)
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)) == 3000
+    assert json.loads(done.stdout)["duplicates"] == 0
