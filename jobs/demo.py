@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="trials of the small search")
     parser.add_argument("--epochs", type=int, default=3, help="max epochs per trial")
     parser.add_argument("--limit", type=int, default=12000, help="training images used")
+    parser.add_argument("--label-images", type=int, default=2000,
+                        help="test images exported as PNGs and labelled")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -43,6 +45,12 @@ def main() -> None:
                    "--out", str(search))
     bundle = search / "best"
     tested = run("evaluate", "--model", str(bundle))
+    exported = out / "images"
+    run("export-images", "--dataset", "fashion_mnist", "--split", "test", "--out",
+        str(exported), "--limit", str(args.label_images))
+    labels = out / "labels"
+    labelled = run("label", "--model", str(bundle), "--input", str(exported), "--output",
+                   str(labels))
     print("\n== demo done ==")
     print(f"search:          {searched['trials']} trials, {searched['epochs_total']} epochs, "
           f"{searched['wall_s']:.0f} s; table in {search / 'trials.csv'}")
@@ -52,6 +60,9 @@ def main() -> None:
     print(f"test accuracy:   {tested['accuracy']:.4f} on {tested['examples']} test images")
     print(f"plots:           {bundle / 'plots'}/{{learning_curves,confusion_matrix,samples}}.png")
     print(f"TensorBoard:     tensorboard --logdir {search / 'ray' / 'search'}")
+    print(f"labels:          {labelled['labelled']} of {labelled['files']} exported test PNGs "
+          f"labelled into {labels} ({labelled['files_per_s']:.0f} files/s, "
+          f"{labelled['needs_review']} need review)")
 
 
 if __name__ == "__main__":
