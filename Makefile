@@ -8,7 +8,7 @@ KERAS_CACHE := $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick bench bench-seeds bench-search lint seed-data clean
+.PHONY: demo test test-quick bench bench-seeds bench-search bench-label lint seed-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,13 +34,16 @@ test: $(STAMP) seed-data
 test-quick: $(STAMP) seed-data
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: bench-seeds bench-search
+bench: bench-seeds bench-search bench-label
 
 bench-seeds: $(STAMP) seed-data
 	$(BIN)/python benchmarks/seeds.py
 
 bench-search: $(STAMP) seed-data
 	$(BIN)/python benchmarks/search.py
+
+bench-label: $(STAMP) seed-data
+	$(BIN)/python benchmarks/label.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check clfsys tests benchmarks jobs

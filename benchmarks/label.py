@@ -1,0 +1,200 @@
+"""Labelling throughput and memory (`make bench-label`).
+
+Data: (a) all 70,000 Fashion-MNIST images exported as PNGs; (b) the hymenoptera photos repeated
+to at least 2,000 files. For each, in the same run:
+  - `clfsys label` end to end (Ray Data -> Parquet) with 1 and 2 Predictor actors,
+  - a single-process baseline: tf.data decode + model.predict in batches of 1024, no Parquet,
+  - the tutorials' per-image loop (load one image, model.predict on it), on a sample.
+Each variant runs as its own process session; peak memory is the largest sum of the RSS of
+every process in that session (driver, Ray daemons and workers), sampled every 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
+
+
+def session_rss(sid: int) -> int:
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def measure(command: list[str]) -> dict:
+    """Run `command` in a new session; wall time, peak session RSS and its JSON result line."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    peak = 0
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, session_rss(proc.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{stderr[-3000:]}")
+    return {"wall_s": time.perf_counter() - started, "peak_mb": peak / 2**20,
+            "result": json.loads(stdout.strip().splitlines()[-1])}
+
+
+# --- baselines, run as `python benchmarks/label.py baseline ...` in their own process --------
+
+
+def baseline(kind: str, bundle_dir: str, files_list: str, sample: int) -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    from clfsys.bundle import load
+
+    found = load(bundle_dir)
+    model = found.load_model()
+    files = Path(files_list).read_text().splitlines()
+    (h, w), channels = found.image_size, found.input_shape[2]
+    started = time.perf_counter()
+    if kind == "tfdata":
+        def decode(path):
+            image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                                       expand_animations=False)
+            return tf.cast(tf.image.resize(image, (h, w)), tf.uint8)
+
+        data = (tf.data.Dataset.from_tensor_slices(files)
+                .map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
+                .prefetch(tf.data.AUTOTUNE))
+        count = 0
+        for batch in data:
+            count += len(np.asarray(model.predict(batch, verbose=0)))
+    else:  # the tutorials' loop: one image at a time
+        import keras
+
+        files = files[:sample]
+        mode = "grayscale" if channels == 1 else "rgb"
+        for path in files:
+            image = keras.utils.img_to_array(keras.utils.load_img(
+                path, color_mode=mode, target_size=(h, w)))
+            model.predict(image[None].astype("uint8"), verbose=0)
+        count = len(files)
+    wall = time.perf_counter() - started
+    print(json.dumps({"images": count, "images_per_s": count / wall}))
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def make_bundle(out: Path, overrides: list[str]) -> Path:
+    if not (out / "metadata.json").exists():
+        subprocess.run([sys.executable, "-m", "clfsys.cli", "train", "--out", str(out),
+                        "--force", "--config", "jobs/fashion_mnist.yaml",
+                        "--set", "train.tensorboard=false", *sum([["--set", o] for o in
+                                                                 overrides], [])],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def prepare(work: Path) -> dict[str, tuple[Path, Path]]:
+    """Datasets and the bundles that label them."""
+    fm = work / "fashion_mnist_png"
+    if not fm.exists():
+        for split in ("train", "test"):
+            subprocess.run([sys.executable, "-m", "clfsys.cli", "export-images", "--split",
+                            split, "--out", str(fm / split)], cwd=ROOT, check=True,
+                           stdout=subprocess.DEVNULL)
+    photos = work / "hymenoptera_x6"
+    if not photos.exists():
+        originals = sorted(p for p in HYMENOPTERA.rglob("*") if p.is_file())
+        for copy in range(6):
+            for p in originals:
+                target = photos / f"copy{copy}" / p.relative_to(HYMENOPTERA)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, target)
+    fm_bundle = make_bundle(work / "bundle_fmnist", ["train.epochs=1", "data.limit=10000"])
+    photo_bundle = make_bundle(work / "bundle_photos", [
+        "data.dataset=folder", f"data.path={HYMENOPTERA / 'train'}",
+        f"data.test_path={HYMENOPTERA / 'val'}", "data.image_size=[96, 96]", "model.arch=cnn_wide",
+        "train.epochs=1", "train.batch_size=16"])
+    return {"(a) Fashion-MNIST PNGs": (fm, fm_bundle),
+            "(b) hymenoptera photos x6": (photos, photo_bundle)}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "baseline":
+        baseline(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", default="runs/bench/label")
+    parser.add_argument("--sample", type=int, default=300, help="per-image loop: images")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for name, (folder, bundle_dir) in prepare(work).items():
+        files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+        listing = work / f"files_{folder.name}.txt"
+        listing.write_text("\n".join(files))
+        rows = {}
+        for actors in (1, 2):
+            out = work / f"labels_{folder.name}_{actors}"
+            shutil.rmtree(out, ignore_errors=True)
+            m = measure([sys.executable, "-m", "clfsys.cli", "label", "--model",
+                         str(bundle_dir), "--input", str(folder), "--output", str(out),
+                         "--actors", str(actors), "--batch-size", "512"])
+            assert m["result"]["files"] == len(files) and m["result"]["missing"] == 0
+            rows[f"clfsys label, {actors} actor{'s' if actors > 1 else ''}"] = {
+                "images": len(files), "images_per_s": len(files) / m["wall_s"],
+                "pipeline_images_per_s": m["result"]["files_per_s"], "peak_mb": m["peak_mb"],
+                "wall_s": m["wall_s"]}
+        for kind, label in (("tfdata", "single process: tf.data + predict(1024)"),
+                            ("loop", f"tutorial per-image loop ({args.sample} images)")):
+            m = measure([sys.executable, "benchmarks/label.py", "baseline", kind,
+                         str(bundle_dir), str(listing), str(args.sample)])
+            rows[label] = {"images": m["result"]["images"],
+                           "images_per_s": m["result"]["images_per_s"],
+                           "pipeline_images_per_s": None, "peak_mb": m["peak_mb"],
+                           "wall_s": m["wall_s"]}
+        report[name] = rows
+        single = rows["single process: tf.data + predict(1024)"]["images_per_s"]
+        loop = rows[f"tutorial per-image loop ({args.sample} images)"]["images_per_s"]
+        print(f"\n## {name}: {len(files)} files")
+        print("| variant                                    | images | images/s end to end | "
+              "vs single process | vs per-image loop | peak memory MB |")
+        print("|--------------------------------------------|--------|---------------------|"
+              "-------------------|-------------------|----------------|")
+        for variant, r in rows.items():
+            print(f"| {variant:<42} | {r['images']:>6} | {r['images_per_s']:>19.0f} | "
+                  f"{r['images_per_s'] / single:>16.2f}x | {r['images_per_s'] / loop:>16.1f}x "
+                  f"| {r['peak_mb']:>14.0f} |")
+        one, two = (rows[k]["images_per_s"] for k in list(rows)[:2])
+        print(f"1 -> 2 actors: {one:.0f} -> {two:.0f} images/s ({two / one:.2f}x); end-to-end "
+              "figures include starting Ray and TensorFlow in each process")
+    (work / "results.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
