@@ -105,6 +105,17 @@ def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
     return run_label(args.model, args.input, args.output, resume=args.resume, options=options)
 
 
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from clfsys.serve import ServeOptions, run_server
+
+    options = ServeOptions(
+        host=args.host, port=args.port, replicas=args.replicas, min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms, num_gpus=args.num_gpus, max_body_mb=args.max_body_mb,
+        auth_token_env=args.auth_token_env)
+    return run_server(args.model, options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clfsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="label only the files not yet in --output")
     p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve (until Ctrl-C)")
+    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    p.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
+    p.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    p.add_argument("--max-body-mb", type=float, default=10.0)
+    p.add_argument("--auth-token-env", metavar="VAR",
+                   help="require 'Authorization: Bearer <token>', the token read from $VAR")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-images", help="write a dataset split as class folders of PNGs")
     p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist"])
