@@ -285,14 +285,14 @@ def run_server(bundle_path: str, options: ServeOptions) -> dict[str, Any]:
     token = read_auth_token(options.auth_token_env)
     app = build_app(bundle_path, options, token=token)
     init_ray()
-    serve.start(http_options={"host": options.host, "port": options.port,
-                              "request_timeout_s": options.request_timeout_s})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    url = f"http://{options.host}:{options.port}"
-    print(f"serving {bundle_path} at {url} (POST /predict, docs at {url}/docs; "
-          f"auth {'on' if token else 'off'}); Ctrl-C to stop", file=sys.stderr, flush=True)
     started = time.monotonic()
+    url = f"http://{options.host}:{options.port}"
     try:
+        serve.start(http_options={"host": options.host, "port": options.port,
+                                  "request_timeout_s": options.request_timeout_s})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"serving {bundle_path} at {url} (POST /predict, docs at {url}/docs; "
+              f"auth {'on' if token else 'off'}); Ctrl-C to stop", file=sys.stderr, flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

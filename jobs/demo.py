@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +30,50 @@ def run(*args: str) -> dict:
     line = done.stdout.strip().splitlines()[-1]
     print(line, flush=True)
     return json.loads(line)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_and_ask(bundle: Path, folder: Path, count: int) -> list[dict]:
+    """Start `clfsys serve`, send it a few exported PNGs over HTTP, print, stop with Ctrl-C."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--model", str(bundle), "--port", str(port)]
+    print(f"\n$ clfsys {shlex.join(args)}", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "clfsys.cli", *args], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, start_new_session=True)
+    answers = []
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("demo step failed: the server did not come up")
+                time.sleep(0.5)
+        files = sorted(folder.rglob("*.png"))
+        for path in files[:: max(1, len(files) // count)][:count]:
+            request = urllib.request.Request(f"{url}/predict", data=path.read_bytes(),
+                                              headers={"Content-Type": "image/png"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer = json.loads(response.read())
+            answers.append(answer)
+            print(f"POST /predict {path.relative_to(folder)} -> {answer['label']} "
+                  f"({answer['confidence']:.0%})", flush=True)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    return answers
 
 
 def main() -> None:
@@ -51,6 +100,7 @@ def main() -> None:
     labels = out / "labels"
     labelled = run("label", "--model", str(bundle), "--input", str(exported), "--output",
                    str(labels))
+    answers = serve_and_ask(bundle, exported, count=5)
     print("\n== demo done ==")
     print(f"search:          {searched['trials']} trials, {searched['epochs_total']} epochs, "
           f"{searched['wall_s']:.0f} s; table in {search / 'trials.csv'}")
@@ -63,6 +113,7 @@ def main() -> None:
     print(f"labels:          {labelled['labelled']} of {labelled['files']} exported test PNGs "
           f"labelled into {labels} ({labelled['files_per_s']:.0f} files/s, "
           f"{labelled['needs_review']} need review)")
+    print(f"endpoint:        answered {len(answers)} HTTP requests, then shut down cleanly")
 
 
 if __name__ == "__main__":
