@@ -8,7 +8,7 @@ KERAS_CACHE := $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick bench bench-seeds bench-search bench-label lint seed-data clean
+.PHONY: demo test test-quick bench bench-seeds bench-search bench-label bench-serve lint seed-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ test: $(STAMP) seed-data
 test-quick: $(STAMP) seed-data
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: bench-seeds bench-search bench-label
+bench: bench-seeds bench-search bench-label bench-serve
 
 bench-seeds: $(STAMP) seed-data
 	$(BIN)/python benchmarks/seeds.py
@@ -44,6 +44,9 @@ bench-search: $(STAMP) seed-data
 
 bench-label: $(STAMP) seed-data
 	$(BIN)/python benchmarks/label.py
+
+bench-serve: $(STAMP) seed-data
+	$(BIN)/python benchmarks/serve.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check clfsys tests benchmarks jobs
