@@ -141,6 +141,11 @@ class TrainConfig:
     """Epochs without improvement before stopping."""
     restore_best_weights: bool = True
     """Keep the weights of the best epoch, not the last."""
+    lr_plateau_patience: int | None = None
+    """Multiply the learning rate by `lr_plateau_factor` after this many epochs without
+    improvement of `monitor` (Keras ReduceLROnPlateau); unset: constant learning rate."""
+    lr_plateau_factor: float = 0.3
+    """Factor of the learning-rate reduction on a plateau."""
     tensorboard: bool = True
     """Write TensorBoard logs under <out>/logs."""
     seed: int = 42
@@ -159,6 +164,11 @@ class TrainConfig:
         _check(self.monitor in MONITORS, "train.monitor", f"must be one of {list(MONITORS)}",
                self.monitor)
         _check(self.patience >= 0, "train.patience", "must be >= 0", self.patience)
+        if self.lr_plateau_patience is not None:
+            _check(self.lr_plateau_patience >= 1, "train.lr_plateau_patience", "must be >= 1",
+                   self.lr_plateau_patience)
+        _check(0 < self.lr_plateau_factor < 1, "train.lr_plateau_factor", "must be in (0, 1)",
+               self.lr_plateau_factor)
         _check(self.verbose in (0, 1, 2), "train.verbose", "must be 0, 1 or 2", self.verbose)
 
 

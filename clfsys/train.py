@@ -84,6 +84,10 @@ def train(
     stopper = keras.callbacks.EarlyStopping(monitor=tc.monitor, patience=patience,
                                             restore_best_weights=tc.restore_best_weights)
     all_callbacks: list[Any] = [stopper]
+    if tc.lr_plateau_patience:
+        all_callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor=tc.monitor, factor=tc.lr_plateau_factor, patience=tc.lr_plateau_patience,
+            min_lr=tc.lr * 1e-3))
     if work_dir is not None:
         work = Path(work_dir)
         (work / "checkpoints").mkdir(parents=True, exist_ok=True)

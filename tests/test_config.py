@@ -26,6 +26,7 @@ def test_defaults_and_yaml_with_overrides(tmp_path):
     ("model.units=7", "model.units must be a list"),
     ("data.val_fraction=1.5", "data.val_fraction must be in (0, 1), got 1.5"),
     ("data.dataset=folder", "data.path is required for dataset 'folder'"),
+    ("train.lr_plateau_patience=0", "train.lr_plateau_patience must be >= 1, got 0"),
     ("lr=0.1", "must be dotted"),
     ("train.lr", "--set expects key=value"),
 ])
