@@ -58,7 +58,8 @@ def trial_rows(grid, cfg: Config, out: Path) -> tuple[list[dict], dict[str, Any]
             "epochs_run": epochs,
             "asha_stopped": trial_id in asha,
             "stopped_by": stopped_by,
-            "status": "ERROR" if result.error is not None else "TERMINATED",
+            "status": "ERROR" if result.error is not None else (
+                "TERMINATED" if epochs else "NOT_STARTED"),
             "error": error,
             "wall_s": round(float(metrics.get("time_total_s", 0.0)), 1),
             "node_id": metrics.get("node_id"),
