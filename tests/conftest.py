@@ -89,6 +89,14 @@ def trained_bundle(tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def needs_fashion_mnist():
     have = all((KERAS_FMNIST / f).is_file() for f in (
         "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, needs_fashion_mnist, write_folder
+from conftest import ROOT, free_port, needs_fashion_mnist, write_folder
 
 
 def clfsys(*args, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -98,14 +98,11 @@ def test_export_images(tmp_path):
 @pytest.mark.slow
 def test_serve_until_ctrl_c(trained_bundle, tmp_path):
     import signal
-    import socket
     import time
 
     import requests
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "SERVE_TOKEN": "t0ken"}
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(

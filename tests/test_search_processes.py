@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, write_folder
+from conftest import ROOT, free_port, write_folder
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -77,12 +76,6 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     for trial in (out / "ray" / "search").glob("trial_*"):
         assert sorted(set(epochs_reported(trial))) == [1, 2, 3]
     assert json.loads(done.stdout)["trials"] == 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def kill_sessions(*sids: int) -> None:

@@ -4,13 +4,12 @@ import asyncio
 import io
 import os
 import signal
-import socket
 import time
 
 import numpy as np
 import pytest
 import requests
-from conftest import pattern_image
+from conftest import free_port, pattern_image
 from PIL import Image
 from test_label import huge_png_header
 
@@ -19,12 +18,6 @@ from clfsys.serve import ServeOptions, build_app
 
 pytestmark = pytest.mark.slow
 TOKEN = "correct horse battery staple"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
