@@ -67,7 +67,7 @@ def trial_rows(grid, cfg: Config, out: Path) -> tuple[list[dict], dict[str, Any]
             "path": str(result.path),
         })
         by_id[trial_id] = result
-    rows.sort(key=lambda r: -1 if r["best_val_accuracy"] is None else -r["best_val_accuracy"])
+    rows.sort(key=lambda r: (r["best_val_accuracy"] is None, -(r["best_val_accuracy"] or 0)))
     return rows, by_id
 
 
