@@ -59,7 +59,7 @@ def efficiency(args) -> dict:
     runs = {}
     for name, extra in (("(a) no scheduler, max_epochs", {"tune.scheduler": "none"}),
                         ("(b) ASHA", {"tune.scheduler": "asha", "tune.grace_period": 1,
-                                      "tune.reduction_factor": 3})):
+                                      "tune.reduction_factor": 4})):
         result, table = search({**base, **extra}, Path(args.out) / name.split()[0].strip("()"))
         runs[name] = {"epochs": int(table["epochs_run"].sum()),
                       "best_val_accuracy": float(table["best_val_accuracy"].max()),
@@ -70,7 +70,7 @@ def efficiency(args) -> dict:
     a, b = runs.values()
     assert a["configs"] == b["configs"], "the two runs sampled different configurations"
     print(f"\n## Search efficiency: 12 configurations, 10,000-image subset, "
-          f"max_epochs {args.max_epochs}")
+          f"max_epochs {args.max_epochs}, ASHA grace 1 / reduction factor 4")
     print("| run                           | epochs | share | best val acc | wall s |")
     print("|-------------------------------|--------|-------|--------------|--------|")
     for name, r in runs.items():
