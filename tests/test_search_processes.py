@@ -125,11 +125,12 @@ def test_tune_job_on_a_two_node_cluster_puts_gpu_trials_on_the_gpu_node(tmp_path
         ray("start", "--head", f"--port={gcs}", "--num-cpus=1", "--num-gpus=0",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             f"--ray-client-server-port={free_port()}", f"--temp-dir={head_tmp}",
-            "--disable-usage-stats")
+            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats")
         # A second node on this machine declaring two logical GPUs; its own temp dir keeps its
         # runtime-env files apart from the head's.
         ray("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--num-gpus=2",
-            f"--temp-dir={gpu_tmp}", "--disable-usage-stats")
+            f"--temp-dir={gpu_tmp}", f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats")
         nodes = json.loads(ray("list", "nodes", "--address", f"127.0.0.1:{gcs}",
                                "--format", "json").stdout)
         gpu_nodes = [n["node_id"] for n in nodes if n["resources_total"].get("GPU")]
