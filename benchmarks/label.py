@@ -144,6 +144,8 @@ def prepare(work: Path) -> dict[str, tuple[Path, Path]]:
 
 
 def main() -> None:
+    from clfsys.images import is_image_path
+
     if len(sys.argv) > 1 and sys.argv[1] == "baseline":
         baseline(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return
@@ -155,7 +157,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     report = {}
     for name, (folder, bundle_dir) in prepare(work).items():
-        files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+        files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_path(p))
         listing = work / f"files_{folder.name}.txt"
         listing.write_text("\n".join(files))
         rows = {}
