@@ -10,7 +10,6 @@ against, in the same run:
 It reports requests/s, p50/p95/p99 latency and errors, on exported Fashion-MNIST test PNGs.
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
