@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from clfsys import bundle, data
-    from clfsys.config import from_dict, load_config
+    from clfsys.config import from_dict, load_config, parse_override
     from clfsys.train import evaluate
 
     found = bundle.load(args.model)
@@ -54,7 +54,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = from_dict(found.metadata.get("config"))
         if args.overrides:
-            cfg = cfg.replace(**dict(_parse(o) for o in args.overrides))
+            cfg = cfg.replace(**dict(parse_override(o) for o in args.overrides))
     ds = data.load(cfg.data)
     if ds.input_shape != found.input_shape:
         raise DataError(f"test images are {ds.input_shape}, the model {args.model} expects "
@@ -67,12 +67,6 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "loss": round(metrics["loss"], 4), "examples": metrics["examples"],
             "per_class_accuracy": {k: None if v is None else round(v, 4)
                                    for k, v in metrics["per_class_accuracy"].items()}}
-
-
-def _parse(text: str) -> tuple[str, Any]:
-    from clfsys.config import parse_override
-
-    return parse_override(text)
 
 
 def cmd_export_images(args: argparse.Namespace) -> dict[str, Any]:
