@@ -83,6 +83,26 @@ def test_exif_orientation_is_honoured():
     assert np.abs(out[..., 0].astype(int) - expected.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("mode", ["rgb", "grayscale"])
+def test_large_jpeg_decoded_at_reduced_scale_matches_full_decode(mode):
+    # A smooth 800x600 "photo", stored rotated with EXIF orientation 6 (displayed 600x800):
+    # the reduced-scale JPEG decode must keep the orientation and stay close to a full decode.
+    y, x = np.mgrid[0:600, 0:800]
+    pixels = np.stack([x * 255 // 800, y * 255 // 600, (x + y) * 255 // 1400], -1)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    data = encode(image, "JPEG", quality=95, exif=exif)
+    from PIL import ImageOps
+
+    full = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    full = full.convert("L" if mode == "grayscale" else "RGB").resize((48, 64), Image.BILINEAR)
+    expected = np.asarray(full, dtype=int).reshape(64, 48, -1)
+    out = decode(data, (64, 48), mode)
+    assert out.shape == expected.shape
+    assert np.abs(out.astype(int) - expected).mean() < 3
+
+
 @pytest.mark.parametrize("payload, kind", [
     (b"", images.EMPTY),
     (b"this is plain text, not pixels" * 4, images.NOT_AN_IMAGE),
