@@ -57,11 +57,13 @@ def save(
     out.mkdir(parents=True, exist_ok=True)
     input_shape = [int(d) for d in model.input_shape[1:]]
     model.save(out / MODEL_FILE)
+    file_sha256 = _file_sha256(out / MODEL_FILE)
     model.export(str(out / "saved_model"), format="tf_saved_model", verbose=False)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_id": content_hash(model, class_names, input_shape, color_mode),
+        "model_file_sha256": file_sha256,
         "class_names": list(class_names),
         "input_shape": input_shape,
         "color_mode": color_mode,
@@ -77,6 +79,14 @@ def save(
     if history is not None:
         (out / "history.json").write_text(json.dumps(history, indent=1))
     return metadata
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -109,6 +119,14 @@ class Bundle:
     @property
     def metrics(self) -> dict[str, Any]:
         return self.metadata.get("metrics", {})
+
+    def check_file(self) -> None:
+        """Cheap integrity check without TensorFlow: model.keras has the bytes it was saved
+        with (bundles from before this check have no file hash and pass)."""
+        expected = self.metadata.get("model_file_sha256")
+        if expected and _file_sha256(self.path / MODEL_FILE) != expected:
+            raise BundleError(f"{self.path / MODEL_FILE}: file does not match metadata "
+                              "model_file_sha256; the bundle is corrupt or was altered")
 
     def load_model(self):
         """The Keras model, loaded in safe mode and checked against `model_id`."""

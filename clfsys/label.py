@@ -25,7 +25,14 @@ from clfsys import images
 from clfsys.bundle import load as load_bundle
 from clfsys.errors import DataError
 
-ROWS_PER_BLOCK = 512
+BATCHES_PER_BLOCK = 8
+"""Input blocks (paths) hold this many batches: fewer, larger decode tasks."""
+ACTOR_CPUS = 0.5
+"""A CPU Predictor actor asks for half a core: the model takes a fraction of the time that
+decoding (one core per task) does. Asking for what the decode tasks ask for would also let Ray
+Data fuse decoding into the actors: one process doing everything."""
+WRITE_CPUS = 0.25
+"""Writing a few hundred rows of Parquet is light."""
 
 
 def _is_uri(path: str) -> bool:
@@ -204,14 +211,11 @@ def _attr(flag: str) -> str:
 def run_label(bundle_path: str, inputs: list[str], output: str, *, resume: bool = False,
               options: LabelOptions | None = None) -> dict[str, Any]:
     """Label every image file under `inputs` into a Parquet dataset at `output`."""
-    import ray
-
     from clfsys.cluster import init_ray
 
     options = options or LabelOptions()
     options.check()
     found = load_bundle(bundle_path)  # fail fast on a missing or foreign bundle
-    found.load_model()
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise DataError(f"--output {out} exists and is not a directory")
@@ -219,6 +223,7 @@ def run_label(bundle_path: str, inputs: list[str], output: str, *, resume: bool 
     if existing and not resume:
         raise DataError(f"--output {out} already holds {len(existing)} Parquet files; pass "
                         "--resume to label only the files not yet in it, or choose a new folder")
+    found.check_file()  # the actors load the model; the driver needs no TensorFlow
     paths = list_inputs(inputs)
     done = done_paths(out) if resume and out.is_dir() else set()
     todo = [p for p in paths if p not in done]
@@ -227,22 +232,32 @@ def run_label(bundle_path: str, inputs: list[str], output: str, *, resume: bool 
     started = time.perf_counter()
     if todo:
         init_ray()
-        blocks = max(1, -(-len(todo) // ROWS_PER_BLOCK))
-        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
-        ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=options.batch_size,
-                            fn_kwargs={"size": found.image_size, "color_mode": found.color_mode,
-                                       "max_pixels": options.max_pixels})
-        ds = ds.map_batches(
-            LabelActor, batch_format="numpy", batch_size=options.batch_size,
-            fn_constructor_kwargs={"bundle_path": str(Path(bundle_path).resolve()),
-                                   "top_k": options.top_k,
-                                   "min_confidence": options.min_confidence},
-            compute=ray.data.ActorPoolStrategy(size=options.actors),
-            num_gpus=options.num_gpus or None, num_cpus=1 if not options.num_gpus else None)
         out.mkdir(parents=True, exist_ok=True)
-        ds.write_parquet(str(out.resolve()))
+        _pipeline(todo, found, str(Path(bundle_path).resolve()), options).write_parquet(
+            str(out.resolve()), ray_remote_args={"num_cpus": WRITE_CPUS})
     wall = time.perf_counter() - started
     return summarize(out, paths, wall, len(todo))
+
+
+def _pipeline(paths: list[str], found, bundle_path: str, options: LabelOptions):
+    """paths -> decode tasks -> Predictor actors: a Ray Dataset of output rows."""
+    import ray
+
+    # Ray Data reserves a share of the cluster for each operator; on a small cluster that
+    # leaves one decode task running while cores sit idle.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    rows_per_block = BATCHES_PER_BLOCK * options.batch_size
+    ds = ray.data.from_items([{"path": p} for p in paths],
+                             override_num_blocks=max(1, -(-len(paths) // rows_per_block)))
+    ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=options.batch_size,
+                        fn_kwargs={"size": found.image_size, "color_mode": found.color_mode,
+                                   "max_pixels": options.max_pixels})
+    return ds.map_batches(
+        LabelActor, batch_format="numpy", batch_size=options.batch_size,
+        fn_constructor_kwargs={"bundle_path": bundle_path, "top_k": options.top_k,
+                               "min_confidence": options.min_confidence},
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_gpus=options.num_gpus or None, num_cpus=None if options.num_gpus else ACTOR_CPUS)
 
 
 def summarize(out: Path, paths: list[str], wall_s: float, processed: int) -> dict[str, Any]:

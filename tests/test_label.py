@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -18,7 +19,7 @@ from conftest import ROOT, needs_fashion_mnist
 from PIL import Image
 
 from clfsys import label
-from clfsys.errors import DataError
+from clfsys.errors import BundleError, DataError
 
 pytestmark = pytest.mark.slow
 
@@ -188,6 +189,18 @@ def test_refuses_a_non_empty_output_without_resume(fmnist_bundle, tmp_path):
         label.run_label(str(fmnist_bundle), [str(tmp_path)], str(out))
     with pytest.raises(DataError, match="no image files"):
         label.run_label(str(fmnist_bundle), [str(out)], str(tmp_path / "o2"))
+
+
+def test_an_altered_model_file_is_refused_before_ray_starts(fmnist_bundle, tmp_path):
+    altered = tmp_path / "bundle"
+    shutil.copytree(fmnist_bundle, altered)
+    with open(altered / "model.keras", "ab") as handle:
+        handle.write(b"\0")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("L", (28, 28)).save(images / "a.png")
+    with pytest.raises(BundleError, match="model.keras: file does not match"):
+        label.run_label(str(altered), [str(images)], str(tmp_path / "out"))
 
 
 def test_resume_after_a_kill_labels_every_file_exactly_once(fmnist_bundle, tmp_path):

@@ -120,6 +120,9 @@ def test_bundle_errors(trained_bundle, tmp_path):
     (broken / "model.keras").write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(BundleError, match="cannot load the model"):
         bundle.load(broken).load_model()
+    with pytest.raises(BundleError, match="model.keras: file does not match"):
+        bundle.load(broken).check_file()
+    bundle.load(trained_bundle).check_file()
     tampered = tmp_path / "tampered"
     shutil.copytree(trained_bundle, tampered)
     meta = json.loads((tampered / "metadata.json").read_text())
