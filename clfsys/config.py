@@ -173,7 +173,7 @@ class TrainConfig:
 
 
 SEARCHERS = ("random", "optuna")
-SCHEDULERS = ("asha", "none")
+SCHEDULERS = ("asha", "async_asha", "none")
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,8 @@ class TuneConfig:
     seed: int = 0
     """Seed of the searcher."""
     scheduler: str = "asha"
-    """asha (stop weak trials early) or none (every trial runs to max_epochs)."""
+    """asha (pause trials at rungs, promote the top 1/reduction_factor), async_asha (Ray's
+    AsyncHyperBandScheduler: decide at each rung on arrival) or none (all run to max_epochs)."""
     max_epochs: int = 12
     """Epochs per trial at most (replaces train.epochs)."""
     grace_period: int = 2

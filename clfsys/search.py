@@ -156,9 +156,16 @@ def _scheduler(cfg: Config, out: Path):
         return FIFOScheduler()
     log = out / ASHA_LOG
     max_epochs = cfg.tune.max_epochs
+    if cfg.tune.scheduler == "asha":
+        from clfsys.scheduler import PromotingASHA
+
+        return PromotingASHA(metric="best_val_accuracy", mode="max", time_attr="epoch",
+                             max_t=max_epochs,
+                             grace_period=cfg.tune.grace_period,
+                             reduction_factor=cfg.tune.reduction_factor, stopped_log=log)
 
     class RecordingASHA(AsyncHyperBandScheduler):
-        """ASHA that records which trials it stopped before max_epochs (for trials.csv)."""
+        """Ray's ASHA, recording which trials it stopped before max_epochs (for trials.csv)."""
 
         def on_trial_result(self, tune_controller, trial, result):
             action = super().on_trial_result(tune_controller, trial, result)

@@ -71,6 +71,13 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
     stopped = sane[sane["asha_stopped"]]
     assert len(stopped) >= 1 and (stopped["epochs_run"] < 4).all()
     assert (stopped["stopped_by"] == "asha").all()
+    # ASHA with promotions (rungs at epochs 1 and 2): every sane trial is recorded at rung 1,
+    # at most half of them (at least one) go on, and a trial paused at a rung resumes from its
+    # checkpoint without repeating or skipping an epoch.
+    assert 1 <= (sane["epochs_run"] > 1).sum() <= max(1, len(sane) // 2)
+    assert (sane["epochs_run"] == 4).sum() >= 1
+    for _, row in sane.iterrows():
+        assert epochs_reported(row["path"]) == list(range(1, row["epochs_run"] + 1))
 
     best = sane.sort_values("best_val_accuracy", ascending=False).iloc[0]
     assert result["best_trial"] == best["trial_id"]
