@@ -160,8 +160,7 @@ def _scheduler(cfg: Config, out: Path):
         from clfsys.scheduler import PromotingASHA
 
         return PromotingASHA(metric="best_val_accuracy", mode="max", time_attr="epoch",
-                             max_t=max_epochs,
-                             grace_period=cfg.tune.grace_period,
+                             max_t=max_epochs, grace_period=cfg.tune.grace_period,
                              reduction_factor=cfg.tune.reduction_factor, stopped_log=log)
 
     class RecordingASHA(AsyncHyperBandScheduler):
