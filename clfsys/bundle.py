@@ -8,7 +8,8 @@ A bundle is a directory::
     plots/            learning curves, confusion matrix, sample predictions (PNG)
     saved_model/      a TensorFlow SavedModel export (`tf.saved_model.load(...).serve(x)`)
 
-`model_id` is a content hash of the weights and the class/input description, checked on load.
+`model_id` is a content hash of the weights and the class/input description, checked on load;
+`model_file_sha256` lets a process without TensorFlow check model.keras (`Bundle.check_file`).
 Loading uses Keras safe mode: no code from a bundle is executed.
 """
 

@@ -96,7 +96,7 @@ def decode(
                 im.seek(0)
             # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays at
             # least as large as the target on both sides (square, so EXIF rotation is safe).
-            # Several times faster on photos; the resize below does the rest.
+            # ~1.7x faster on 500x375 photos for a 64x64 model; the resize below does the rest.
             side = max(size)
             im.draft("L" if color_mode == "grayscale" else None, (side, side))
             im.load()  # decode fully now so truncation shows up here
