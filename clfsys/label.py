@@ -187,6 +187,39 @@ def done_paths(output: Path) -> set[str]:
     return done
 
 
+def drop_duplicates(output: Path) -> int:
+    """Keep the first row of each path (oldest file first); returns the rows removed.
+
+    Ray workers of a killed run can finish writing a file a few seconds after its driver died;
+    a run resumed in that window labels those files again.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    seen: set[str] = set()
+    removed = 0
+    for file in sorted(_parquet_files(output), key=lambda f: f.stat().st_mtime):
+        table = pq.read_table(file)
+        keep = []
+        for path in table.column("path").to_pylist():
+            keep.append(path not in seen)
+            seen.add(path)
+        if all(keep):
+            continue
+        removed += keep.count(False)
+        kept = table.filter(pa.array(keep))
+        if kept.num_rows:
+            partial = file.with_name(file.name + ".partial")
+            pq.write_table(kept, partial)
+            os.replace(partial, file)
+        else:
+            file.unlink()
+    if removed:
+        print(f"removed {removed} duplicate rows (a killed run's workers finished writing "
+              "them after this run had listed what was done)", file=sys.stderr)
+    return removed
+
+
 @dataclass
 class LabelOptions:
     batch_size: int = 256
@@ -236,6 +269,8 @@ def run_label(bundle_path: str, inputs: list[str], output: str, *, resume: bool 
         _pipeline(todo, found, str(Path(bundle_path).resolve()), options).write_parquet(
             str(out.resolve()), ray_remote_args={"num_cpus": WRITE_CPUS})
     wall = time.perf_counter() - started
+    if resume:
+        drop_duplicates(out)
     return summarize(out, paths, wall, len(todo))
 
 

@@ -96,22 +96,6 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
     assert "search done: 8 trials" in capsys.readouterr().err
 
 
-def test_rays_async_asha_stops_trials_that_arrive_below_the_rung_cutoff(tmp_path):
-    folder = write_folder(tmp_path / "images", per_class=20, size=16)
-    # One at a time, a fast learner first: the slow ones that follow it arrive at rung 1 below
-    # the cutoff and are stopped there, without pausing.
-    cfg = search_config(folder, "train.lr: {choice: [0.05, 0.0001]}", **{
-        "tune.num_samples": 5, "tune.max_concurrent_trials": 1, "tune.grace_period": 1,
-        "tune.reduction_factor": 2, "tune.scheduler": "async_asha", "tune.seed": 3})
-    run_search(cfg, tmp_path / "out")
-    table = pd.read_csv(tmp_path / "out" / "trials.csv")
-    assert (table["status"] == "TERMINATED").all() and (table["epochs_run"] <= 4).all()
-    stopped = table[table["asha_stopped"]]
-    assert len(stopped) >= 1 and (stopped["stopped_by"] == "asha").all()
-    for _, row in table.iterrows():  # never paused: one uninterrupted run per trial
-        assert epochs_reported(row["path"]) == list(range(1, row["epochs_run"] + 1))
-
-
 class FailOnce:
     """Keras callback: raise at the start of `epoch` (0-based) the first time only."""
 
