@@ -199,15 +199,14 @@ def drop_duplicates(output: Path) -> int:
     seen: set[str] = set()
     removed = 0
     for file in sorted(_parquet_files(output), key=lambda f: f.stat().st_mtime):
-        table = pq.read_table(file)
         keep = []
-        for path in table.column("path").to_pylist():
+        for path in pq.read_table(file, columns=["path"]).column("path").to_pylist():
             keep.append(path not in seen)
             seen.add(path)
         if all(keep):
             continue
         removed += keep.count(False)
-        kept = table.filter(pa.array(keep))
+        kept = pq.read_table(file).filter(pa.array(keep))
         if kept.num_rows:
             partial = file.with_name(file.name + ".partial")
             pq.write_table(kept, partial)
