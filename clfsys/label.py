@@ -265,7 +265,7 @@ def run_label(bundle_path: str, inputs: list[str], output: str, *, resume: bool 
     if todo:
         init_ray()
         out.mkdir(parents=True, exist_ok=True)
-        _pipeline(todo, found, str(Path(bundle_path).resolve()), options).write_parquet(
+        _pipeline(todo, found, options).write_parquet(
             str(out.resolve()), ray_remote_args={"num_cpus": WRITE_CPUS})
     wall = time.perf_counter() - started
     if resume:
@@ -273,7 +273,7 @@ def run_label(bundle_path: str, inputs: list[str], output: str, *, resume: bool 
     return summarize(out, paths, wall, len(todo))
 
 
-def _pipeline(paths: list[str], found, bundle_path: str, options: LabelOptions):
+def _pipeline(paths: list[str], found, options: LabelOptions):
     """paths -> decode tasks -> Predictor actors: a Ray Dataset of output rows."""
     import ray
 
@@ -288,7 +288,7 @@ def _pipeline(paths: list[str], found, bundle_path: str, options: LabelOptions):
                                    "max_pixels": options.max_pixels})
     return ds.map_batches(
         LabelActor, batch_format="numpy", batch_size=options.batch_size,
-        fn_constructor_kwargs={"bundle_path": bundle_path, "top_k": options.top_k,
+        fn_constructor_kwargs={"bundle_path": str(found.path.resolve()), "top_k": options.top_k,
                                "min_confidence": options.min_confidence},
         compute=ray.data.ActorPoolStrategy(size=options.actors),
         num_gpus=options.num_gpus or None, num_cpus=None if options.num_gpus else ACTOR_CPUS)

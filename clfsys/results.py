@@ -23,6 +23,13 @@ from clfsys.space import overrides, trial_config
 ASHA_LOG = "asha_stopped.json"
 
 
+def record_asha_stop(log: Path, trial_id: str, epoch: int) -> None:
+    """Note in `log` (an ASHA_LOG file) that ASHA stopped `trial_id` at `epoch`."""
+    stopped = json.loads(log.read_text()) if log.exists() else {}
+    stopped[trial_id] = epoch
+    log.write_text(json.dumps(stopped))
+
+
 def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, list | dict) else value
 

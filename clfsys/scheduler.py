@@ -16,19 +16,20 @@ about n * grace + n/rf * (next rung - grace) + ... epochs for n configurations.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from clfsys.results import record_asha_stop
+
 
 class PromotingASHA(FIFOScheduler):
     """ASHA that pauses trials at rungs and promotes the top 1/reduction_factor."""
 
     def __init__(self, *, metric: str, mode: str, time_attr: str, max_t: int,
-                 grace_period: int, reduction_factor: int, stopped_log: Path | None = None):
+                 grace_period: int, reduction_factor: int, stopped_log: Path):
         super().__init__()
         self.rank_metric, self.rank_mode, self.time_attr = metric, mode, time_attr
         self.rf = reduction_factor
@@ -72,10 +73,10 @@ class PromotingASHA(FIFOScheduler):
         return sorted(values, key=values.__getitem__, reverse=self.rank_mode == "max")
 
     def _waiting(self, rung: int, trials: dict[str, Trial]) -> list[str]:
-        """Paused trials at `rung`, not promoted yet, best first."""
+        """Paused trials waiting at `rung` (promotion takes them out of paused_at), best
+        first."""
         return [t for t in self._ranked(rung) if self.paused_at.get(t) == rung
-                and t not in self.promoted[rung] and t in trials
-                and trials[t].status == Trial.PAUSED]
+                and t in trials and trials[t].status == Trial.PAUSED]
 
     def _promote(self, rung: int, trial: Trial) -> Trial:
         self.promoted[rung].add(trial.trial_id)
@@ -109,17 +110,15 @@ class PromotingASHA(FIFOScheduler):
                         - len(self.promoted[rung]))
             for trial_id in waiting[slots:]:
                 self._stop(tune_controller, trials[trial_id], rung)
+            for trial_id in waiting[:slots]:
+                self._promote(rung, trials[trial_id])
             if slots:
-                return [self._promote(rung, trials[t]) for t in waiting[:slots]][0]
+                return trials[waiting[0]]
         return None
 
     def _stop(self, tune_controller, trial: Trial, rung: int) -> None:
         del self.paused_at[trial.trial_id]
-        if self.stopped_log is not None:
-            log = self.stopped_log
-            stopped = json.loads(log.read_text()) if log.exists() else {}
-            stopped[trial.trial_id] = rung
-            log.write_text(json.dumps(stopped))
+        record_asha_stop(self.stopped_log, trial.trial_id, rung)
         tune_controller.stop_trial(trial)
 
     def debug_string(self) -> str:

@@ -25,7 +25,7 @@ from clfsys import data as data_mod
 from clfsys.cluster import init_ray
 from clfsys.config import Config, from_dict
 from clfsys.errors import DataError
-from clfsys.results import ASHA_LOG
+from clfsys.results import ASHA_LOG, record_asha_stop
 from clfsys.space import Param, check_space, parse_space, trial_config
 
 EXPERIMENT = "search"
@@ -169,9 +169,7 @@ def _scheduler(cfg: Config, out: Path):
         def on_trial_result(self, tune_controller, trial, result):
             action = super().on_trial_result(tune_controller, trial, result)
             if action == TrialScheduler.STOP and result.get("epoch", max_epochs) < max_epochs:
-                stopped = json.loads(log.read_text()) if log.exists() else {}
-                stopped[trial.trial_id] = result["epoch"]
-                log.write_text(json.dumps(stopped))
+                record_asha_stop(log, trial.trial_id, result["epoch"])
             return action
 
     return RecordingASHA(time_attr="epoch", max_t=max_epochs,

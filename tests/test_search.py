@@ -55,8 +55,8 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
     assert len(table) == 8 and table["trial_id"].is_unique
     assert {"param.model.arch", "param.train.lr", "best_val_accuracy", "epochs_run",
             "asha_stopped", "status", "wall_s"} <= set(table.columns)
-    # lr 1e-4 barely moves in 4 epochs of SGD, 0.05 solves the task: trials are run one at a
-    # time, so every slow one that follows a fast one is below the rung cutoff.
+    # lr 1e-4 barely moves in 4 epochs of SGD, 0.05 solves the task, so the slow trials rank
+    # below the fast ones at rung 1 and wait there until ASHA stops them.
     # Conditional parameters: each trial carries only its own architecture's.
     for _, row in table.iterrows():
         own = "param.model.filters" if row["param.model.arch"] == "cnn" else "param.model.units"
