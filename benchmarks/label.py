@@ -6,9 +6,10 @@ same run:
   - `clfsys label` end to end (Ray Data -> Parquet) with 1 and 2 Predictor actors,
   - a single-process baseline: tf.data decode + model.predict in batches of 1024, no Parquet,
   - the tutorials' per-image loop (load one image, model.predict on it), on a sample.
-Each variant runs --repeats times (interleaved; the median run is reported), each run as its own
-process session; peak memory is the largest sum of the RSS of every process in that session
-(driver, Ray daemons and workers), sampled every 0.2 s.
+Every file is read once before timing (a warm page cache for all). Each variant runs --repeats
+times (interleaved; the median run is reported), each run as its own process session; peak
+memory is the largest sum of the RSS of every process in that session (driver, Ray daemons and
+workers), sampled every 0.2 s.
 "End to end" is images / the process's wall time, for every variant: each pays its own start-up
 (Python, TensorFlow, Ray) and exit. "In run" leaves those out where the variant can tell: the
 baselines time from after the model is loaded, clfsys from when its listing is done (Ray start
@@ -44,6 +45,14 @@ def session_rss(sid: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def warm_page_cache(files: list[str]) -> None:
+    """Read every file once before timing: otherwise the first variant alone pays cold reads."""
+    for path in files:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
 
 
 def measure(command: list[str]) -> dict:
@@ -168,6 +177,7 @@ def main() -> None:
         files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_path(p))
         listing = work / f"files_{folder.name}.txt"
         listing.write_text("\n".join(files))
+        warm_page_cache(files)
         variants = {}
         for actors in (1, 2):
             out = work / f"labels_{folder.name}_{actors}"

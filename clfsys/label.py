@@ -26,13 +26,18 @@ from clfsys.bundle import load as load_bundle
 from clfsys.errors import DataError
 
 BATCHES_PER_BLOCK = 8
-"""Input blocks (paths) hold this many batches: fewer, larger decode tasks."""
-ACTOR_CPUS = 0.5
-"""A CPU Predictor actor asks for half a core: the model takes a fraction of the time that
-decoding (one core per task) does. Asking for what the decode tasks ask for would also let Ray
-Data fuse decoding into the actors: one process doing everything."""
+"""Input blocks (paths) hold at most this many batches: fewer, larger decode tasks..."""
+BLOCKS_PER_CPU = 4
+"""...but at least this many blocks per cluster CPU (never under one batch each), so that a few
+thousand large photos still spread over every core and stream into the actors early."""
+DECODE_CPUS = 0.75
+ACTOR_CPUS = 0.25
 WRITE_CPUS = 0.25
-"""Writing a few hundred rows of Parquet is light."""
+"""Logical CPU shares, i.e. how many tasks of each kind run at once. Decoding is the heavy part
+(~1 ms per photo); a CPU Predictor actor needs a fraction of that and a Parquet write of a few
+hundred rows is light. On a 2-CPU node this runs two decode tasks beside the actor and a
+writer; on larger nodes decode tasks overcommit cores by at most a third. Different shares for
+decoding and the actor also stop Ray Data fusing the two into one process."""
 
 
 def _is_uri(path: str) -> bool:
@@ -280,10 +285,11 @@ def _pipeline(paths: list[str], found, options: LabelOptions):
     # Ray Data reserves a share of the cluster for each operator; on a small cluster that
     # leaves one decode task running while cores sit idle.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
-    rows_per_block = BATCHES_PER_BLOCK * options.batch_size
     ds = ray.data.from_items([{"path": p} for p in paths],
-                             override_num_blocks=max(1, -(-len(paths) // rows_per_block)))
+                             override_num_blocks=num_blocks(len(paths), options.batch_size,
+                                                            ray.cluster_resources().get("CPU", 1)))
     ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=options.batch_size,
+                        num_cpus=DECODE_CPUS,
                         fn_kwargs={"size": found.image_size, "color_mode": found.color_mode,
                                    "max_pixels": options.max_pixels})
     return ds.map_batches(
@@ -292,6 +298,13 @@ def _pipeline(paths: list[str], found, options: LabelOptions):
                                "min_confidence": options.min_confidence},
         compute=ray.data.ActorPoolStrategy(size=options.actors),
         num_gpus=options.num_gpus or None, num_cpus=None if options.num_gpus else ACTOR_CPUS)
+
+
+def num_blocks(files: int, batch_size: int, cpus: float) -> int:
+    """How many blocks to split the file list into (see BATCHES_PER_BLOCK, BLOCKS_PER_CPU)."""
+    by_size = -(-files // (BATCHES_PER_BLOCK * batch_size))
+    spread = min(int(BLOCKS_PER_CPU * cpus), -(-files // batch_size))
+    return max(1, by_size, spread)
 
 
 def summarize(out: Path, paths: list[str], wall_s: float, processed: int) -> dict[str, Any]:

@@ -203,6 +203,17 @@ def test_an_altered_model_file_is_refused_before_ray_starts(fmnist_bundle, tmp_p
         label.run_label(str(altered), [str(images)], str(tmp_path / "out"))
 
 
+def test_blocks_spread_small_inputs_over_the_cores_and_cap_large_ones():
+    per_block = label.BATCHES_PER_BLOCK * 512
+    # ~10,000 photos on 2 CPUs: enough blocks for every core and the actor to start early.
+    assert label.num_blocks(9925, 512, cpus=2) == 2 * label.BLOCKS_PER_CPU
+    # Many files: blocks of BATCHES_PER_BLOCK batches, whatever the cluster.
+    assert label.num_blocks(1_000_000, 512, cpus=2) == -(-1_000_000 // per_block)
+    # Never blocks smaller than one batch, never zero blocks.
+    assert label.num_blocks(1000, 512, cpus=64) == 2
+    assert label.num_blocks(1, 512, cpus=2) == 1
+
+
 def test_drop_duplicates_keeps_the_oldest_row_of_each_path(tmp_path):
     import pyarrow as pa
 
