@@ -185,7 +185,9 @@ def _searcher(cfg: Config):
         return OptunaSearch(sampler=TPESampler(seed=cfg.tune.seed))
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.tune.seed)
+    # Given our own generator, Tune ignores TuneConfig.max_concurrent_trials: the limit goes here.
+    return BasicVariantGenerator(random_state=cfg.tune.seed,
+                                 max_concurrent=cfg.tune.max_concurrent_trials or 0)
 
 
 def _trial_dirname(trial) -> str:
@@ -236,7 +238,8 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=cfg.tune.num_samples,
                 search_alg=_searcher(cfg), scheduler=_scheduler(cfg, out),
-                max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                max_concurrent_trials=(cfg.tune.max_concurrent_trials
+                                       if cfg.tune.searcher == "optuna" else None),
                 time_budget_s=cfg.tune.time_budget_s, reuse_actors=False,
                 trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(

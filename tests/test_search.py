@@ -96,6 +96,60 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
     assert "search done: 8 trials" in capsys.readouterr().err
 
 
+def test_rays_async_asha_decides_each_trial_against_earlier_arrivals(tmp_path):
+    folder = write_folder(tmp_path / "images", per_class=20, size=16)
+    cfg = search_config(folder, """
+        train.lr: {choice: [0.0001, 0.05]}
+        model.arch: {mlp: {model.units: [16]}}
+        """, **{"tune.scheduler": "async_asha", "tune.num_samples": 6,
+                "tune.max_concurrent_trials": 1, "tune.max_epochs": 3,
+                "tune.grace_period": 1, "tune.reduction_factor": 2})
+    out = tmp_path / "search"
+    spans = tmp_path / "spans.jsonl"
+    run_search(cfg, out, callbacks=[Spans(spans)])
+    # tune.max_concurrent_trials 1: each trial starts after the one before it has stopped.
+    events = [json.loads(line) for line in spans.read_text().splitlines()]
+    by_pid = {e["pid"]: [x["t"] for x in events if x["pid"] == e["pid"]] for e in events}
+    intervals = sorted((min(ts), max(ts)) for ts in by_pid.values())
+    assert len(intervals) == 6
+    assert all(later[0] > earlier[1] for earlier, later in zip(intervals, intervals[1:],
+                                                                 strict=False))
+    # So they run in trial-id order, and each is judged at rung 1 against those before it.
+    table = pd.read_csv(out / "trials.csv").sort_values("trial_id").reset_index(drop=True)
+    assert len(table) == 6 and (table["status"] == "TERMINATED").all()
+    assert table.loc[0, "epochs_run"] == 3  # the first arrival has nothing to lose against
+    fast_seen = table["param.train.lr"].eq(0.05).cummax().shift(fill_value=False)
+    late_slow = table[fast_seen & table["param.train.lr"].eq(0.0001)]
+    assert len(late_slow) >= 1  # with this seed, a slow trial comes after a fast one
+    assert (late_slow["epochs_run"] == 1).all() and (late_slow["stopped_by"] == "asha").all()
+    assert (table["asha_stopped"] == (table["stopped_by"] == "asha")).all()
+    for _, row in table.iterrows():
+        assert epochs_reported(row["path"]) == list(range(1, row["epochs_run"] + 1))
+
+
+class Spans:
+    """Keras callback: append {pid, t} to `path` when training and each epoch begin."""
+
+    def __new__(cls, path: Path):
+        import os
+        import time
+
+        import keras
+
+        def log():
+            with open(path, "a") as handle:
+                handle.write(json.dumps({"pid": os.getpid(), "t": time.time()}) + "\n")
+
+        class _Spans(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                log()
+
+            def on_epoch_begin(self, index, logs=None):
+                log()
+
+        return _Spans()
+
+
 class FailOnce:
     """Keras callback: raise at the start of `epoch` (0-based) the first time only."""
 
