@@ -30,14 +30,14 @@ BATCHES_PER_BLOCK = 8
 BLOCKS_PER_CPU = 4
 """...but at least this many blocks per cluster CPU (never under one batch each), so that a few
 thousand large photos still spread over every core and stream into the actors early."""
-DECODE_CPUS = 0.75
+TASK_CPUS = 0.75
 ACTOR_CPUS = 0.25
-WRITE_CPUS = 0.25
-"""Logical CPU shares, i.e. how many tasks of each kind run at once. Decoding is the heavy part
-(~1 ms per photo); a CPU Predictor actor needs a fraction of that and a Parquet write of a few
-hundred rows is light. On a 2-CPU node this runs two decode tasks beside the actor and a
-writer; on larger nodes decode tasks overcommit cores by at most a third. Different shares for
-decoding and the actor also stop Ray Data fusing the two into one process."""
+"""Logical CPU shares, i.e. how many of each run at once. Decoding is the heavy part (~1 ms per
+photo); a CPU Predictor actor needs a fraction of that. On a 2-CPU node this runs two tasks
+beside the actor; on larger nodes tasks overcommit cores by at most a third. Decode and Parquet
+write tasks ask for the same share, so the worker processes that Ray starts for the one serve
+the other (2 processes instead of 5 on 2 CPUs, each ~1 CPU-second to start). Different shares
+for tasks and the actor also stop Ray Data fusing decoding into the actor's process."""
 
 
 def _is_uri(path: str) -> bool:
@@ -271,7 +271,7 @@ def run_label(bundle_path: str, inputs: list[str], output: str, *, resume: bool 
         init_ray()
         out.mkdir(parents=True, exist_ok=True)
         _pipeline(todo, found, options).write_parquet(
-            str(out.resolve()), ray_remote_args={"num_cpus": WRITE_CPUS})
+            str(out.resolve()), ray_remote_args={"num_cpus": TASK_CPUS})
     wall = time.perf_counter() - started
     if resume:
         drop_duplicates(out)
@@ -289,7 +289,7 @@ def _pipeline(paths: list[str], found, options: LabelOptions):
                              override_num_blocks=num_blocks(len(paths), options.batch_size,
                                                             ray.cluster_resources().get("CPU", 1)))
     ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=options.batch_size,
-                        num_cpus=DECODE_CPUS,
+                        num_cpus=TASK_CPUS,
                         fn_kwargs={"size": found.image_size, "color_mode": found.color_mode,
                                    "max_pixels": options.max_pixels})
     return ds.map_batches(
