@@ -10,6 +10,7 @@ directory is never held in memory.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import os
 import sys
@@ -94,17 +95,29 @@ def _walk(path: str) -> list[str]:
     return [path]
 
 
-def _read(path: str) -> bytes:
-    if _is_uri(path):
-        import pyarrow.fs as pafs
+@functools.lru_cache(maxsize=64)
+def _filesystem(root: str):
+    """The pyarrow filesystem of `scheme://authority/` and its path there, made once per process:
+    making one can cost network round trips (S3 looks up the bucket's region and credentials)."""
+    import pyarrow.fs as pafs
 
-        try:
-            fs, inner = pafs.FileSystem.from_uri(path)
-            with fs.open_input_file(inner) as handle:
-                return handle.read()
-        except OSError as exc:
-            raise images.ImageError(images.UNREADABLE, str(exc)) from None
-    return images.read_bytes(path)
+    fs, base = pafs.FileSystem.from_uri(root)
+    return fs, base.rstrip("/")
+
+
+def _read_uri(uri: str) -> bytes:
+    scheme, rest = uri.split("://", 1)
+    authority, _, key = rest.partition("/")
+    try:
+        fs, base = _filesystem(f"{scheme}://{authority}/")
+        with fs.open_input_file(f"{base}/{key}") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise images.ImageError(images.UNREADABLE, str(exc)) from None
+
+
+def _read(path: str) -> bytes:
+    return _read_uri(path) if _is_uri(path) else images.read_bytes(path)
 
 
 def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int], color_mode: str,

@@ -214,6 +214,17 @@ def test_blocks_spread_small_inputs_over_the_cores_and_cap_large_ones():
     assert label.num_blocks(1, 512, cpus=2) == 1
 
 
+def test_uris_are_read_through_one_filesystem_per_bucket(tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(name.encode())
+    label._filesystem.cache_clear()
+    assert label._read_uri(f"file://{tmp_path}/a.png") == b"a.png"
+    assert label._read_uri(f"file://{tmp_path}/b.png") == b"b.png"
+    assert label._filesystem.cache_info().misses == 1
+    with pytest.raises(label.images.ImageError, match="unreadable"):
+        label._read_uri(f"file://{tmp_path}/missing.png")
+
+
 def test_drop_duplicates_keeps_the_oldest_row_of_each_path(tmp_path):
     import pyarrow as pa
 
