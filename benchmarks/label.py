@@ -169,11 +169,14 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=300, help="per-image loop: images")
     parser.add_argument("--photo-copies", type=int, default=25, help="(b): copies of the photos")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median)")
+    parser.add_argument("--only", choices=("a", "b"), help="run one dataset: (a) or (b)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     report = {}
     for name, (folder, bundle_dir) in prepare(work, args.photo_copies).items():
+        if args.only and not name.startswith(f"({args.only})"):
+            continue
         files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_path(p))
         listing = work / f"files_{folder.name}.txt"
         listing.write_text("\n".join(files))
