@@ -178,16 +178,19 @@ def _scheduler(cfg: Config, out: Path):
 
 
 def _searcher(cfg: Config):
+    """The search algorithm, with tune.max_concurrent_trials applied (Tune ignores its own
+    max_concurrent_trials when given a BasicVariantGenerator, so the limit lives here)."""
+    limit = cfg.tune.max_concurrent_trials
     if cfg.tune.searcher == "optuna":
         from optuna.samplers import TPESampler
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(sampler=TPESampler(seed=cfg.tune.seed))
+        searcher = OptunaSearch(sampler=TPESampler(seed=cfg.tune.seed))
+        return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
     from ray.tune.search import BasicVariantGenerator
 
-    # Given our own generator, Tune ignores TuneConfig.max_concurrent_trials: the limit goes here.
-    return BasicVariantGenerator(random_state=cfg.tune.seed,
-                                 max_concurrent=cfg.tune.max_concurrent_trials or 0)
+    return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=limit or 0)
 
 
 def _trial_dirname(trial) -> str:
@@ -238,8 +241,6 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=cfg.tune.num_samples,
                 search_alg=_searcher(cfg), scheduler=_scheduler(cfg, out),
-                max_concurrent_trials=(cfg.tune.max_concurrent_trials
-                                       if cfg.tune.searcher == "optuna" else None),
                 time_budget_s=cfg.tune.time_budget_s, reuse_actors=False,
                 trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
