@@ -11,20 +11,28 @@ A bundle is a directory::
 `model_id` is a content hash of the weights and the class/input description, checked on load;
 `model_file_sha256` lets a process without TensorFlow check model.keras (`Bundle.check_file`).
 Loading uses Keras safe mode: no code from a bundle is executed.
+
+A bundle may live at a local path or a URI (see `storage`). One at a URI is fetched (metadata and
+model.keras only) into a local cache keyed by its file hash. `Portable` carries a bundle to Ray
+actors and Serve replicas on any node: the URI itself, or the files' bytes for a bundle that only
+the driver's machine can see; either way the receiver checks `model_id`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clfsys import storage
 from clfsys.errors import BundleError
 
 FORMAT = "clfsys-bundle"
@@ -95,7 +103,10 @@ class Bundle:
     """A bundle's description; `load_model()` reads the Keras model (safe mode)."""
 
     path: Path
+    """Local directory holding the files (a cache copy for a bundle at a URI)."""
     metadata: dict[str, Any]
+    location: str = ""
+    """Where the user said the bundle is: a local path or a URI."""
 
     @property
     def model_id(self) -> str:
@@ -147,29 +158,137 @@ class Bundle:
         return model
 
 
-def load(path: str | Path) -> Bundle:
-    """Read and check a bundle's metadata; fails with a `BundleError` naming the path."""
-    root = Path(path)
+def load(location: str | Path) -> Bundle:
+    """Read and check a bundle's metadata; fails with a `BundleError` naming the location.
+
+    A bundle at a URI is fetched into a local cache first (metadata.json and model.keras).
+    """
+    where = storage.normalize(location)
+    if storage.is_uri(where):
+        return _load_remote(where)
+    root = Path(where)
     if not root.exists():
-        raise BundleError(f"model bundle not found: {root}")
+        raise BundleError(f"model bundle not found: {location}")
     if not root.is_dir():
-        raise BundleError(f"{root} is not a model bundle (not a directory)")
+        raise BundleError(f"{location} is not a model bundle (not a directory)")
     meta_file = root / METADATA_FILE
     if not meta_file.is_file():
-        raise BundleError(f"{root} is not a clfsys model bundle (no {METADATA_FILE})")
+        raise BundleError(f"{location} is not a clfsys model bundle (no {METADATA_FILE})")
     try:
-        metadata = json.loads(meta_file.read_text())
-    except (ValueError, OSError) as exc:
+        text = meta_file.read_text()
+    except OSError as exc:
+        raise BundleError(f"{meta_file}: unreadable metadata: {exc}") from None
+    metadata = _check_metadata(text, str(location))
+    if not (root / MODEL_FILE).is_file():
+        raise BundleError(f"{location}: missing {MODEL_FILE}")
+    return Bundle(root, metadata, location=str(location))
+
+
+def _check_metadata(text: str, location: str) -> dict[str, Any]:
+    meta_file = f"{location.rstrip('/')}/{METADATA_FILE}"
+    try:
+        metadata = json.loads(text)
+    except ValueError as exc:
         raise BundleError(f"{meta_file}: unreadable metadata: {exc}") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise BundleError(f"{root} is not a clfsys model bundle ({METADATA_FILE} has no "
+        raise BundleError(f"{location} is not a clfsys model bundle ({METADATA_FILE} has no "
                           f"format {FORMAT!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{root}: bundle format version {metadata.get('format_version')} is "
-                          f"not supported (expected {FORMAT_VERSION})")
+        raise BundleError(f"{location}: bundle format version "
+                          f"{metadata.get('format_version')} is not supported (expected "
+                          f"{FORMAT_VERSION})")
     for key in ("model_id", "class_names", "input_shape", "color_mode"):
         if key not in metadata:
             raise BundleError(f"{meta_file}: missing field {key!r}")
-    if not (root / MODEL_FILE).is_file():
-        raise BundleError(f"{root}: missing {MODEL_FILE}")
-    return Bundle(root, metadata)
+    return metadata
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clfsys" / "bundles"
+
+
+def _load_remote(uri: str) -> Bundle:
+    try:
+        text = storage.read_text(storage.join(uri, METADATA_FILE))
+    except storage.StorageError as exc:
+        if exc.not_found:
+            raise BundleError(f"{uri} is not a clfsys model bundle (no {METADATA_FILE})") \
+                from None
+        raise BundleError(f"cannot read model bundle {uri}: {exc}") from None
+    metadata = _check_metadata(text, uri)
+
+    def fetch() -> dict[str, bytes]:
+        try:
+            return {METADATA_FILE: text.encode(),
+                    MODEL_FILE: storage.read_bytes(storage.join(uri, MODEL_FILE))}
+        except storage.StorageError as exc:
+            raise BundleError(f"{uri}: cannot read {MODEL_FILE}: {exc}") from None
+
+    return _cached(metadata, fetch, uri)
+
+
+def _cached(metadata: dict[str, Any], fetch, location: str) -> Bundle:
+    """The bundle from the local cache, fetched (by `fetch() -> files`) when not there yet."""
+    key = metadata.get("model_file_sha256") or hashlib.sha256(location.encode()).hexdigest()
+    local = cache_root() / f"{metadata['model_id']}-{key[:16]}"
+    found = Bundle(local, metadata, location=location)
+    if (local / MODEL_FILE).is_file() and (local / METADATA_FILE).is_file():
+        try:
+            found.check_file()
+            return found
+        except BundleError:
+            pass  # a stale or partial copy: fetch again
+    _materialize(local, fetch())
+    found.check_file()
+    return found
+
+
+def _materialize(folder: Path, files: dict[str, bytes]) -> None:
+    """Write the files into `folder` atomically (a sibling temp dir renamed into place)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder.parent))
+    for name, data in files.items():
+        (staging / name).write_bytes(data)
+    try:
+        os.rename(staging, folder)
+    except OSError:  # another process got there first, or a stale copy is in the way
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Portable:
+    """A bundle on its way to another process, maybe on another node (picklable)."""
+
+    model_id: str
+    uri: str | None = None
+    """Read from this URI wherever it is opened..."""
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    """...or these files, shipped by the driver (a bundle only its machine can see)."""
+
+    def open(self) -> Bundle:
+        """The bundle, as a local directory on this node, checked against `model_id`."""
+        if self.uri:
+            found = load(self.uri)
+        else:
+            metadata = _check_metadata(self.files[METADATA_FILE].decode(), "shipped bundle")
+            found = _cached(metadata, lambda: self.files, "shipped bundle")
+        if found.model_id != self.model_id:
+            raise BundleError(f"{self.uri or 'the shipped bundle'} has model_id "
+                              f"{found.model_id}, expected {self.model_id}; it changed "
+                              "since the job started")
+        return found
+
+
+def portable(found: Bundle) -> Portable:
+    """The bundle for other nodes: its URI, or its files when it is local to this machine."""
+    if storage.is_uri(found.location):
+        return Portable(found.model_id, uri=found.location)
+    return Portable(found.model_id, files={
+        name: (found.path / name).read_bytes() for name in (METADATA_FILE, MODEL_FILE)})

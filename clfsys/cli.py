@@ -1,6 +1,8 @@
 """`clfsys <command>`: parses arguments, calls one library function, prints one JSON line.
 
 User mistakes (ClfsysError) become one line on stderr and exit code 2, without a traceback.
+Work that ran but is incomplete (IncompleteError: files unread, rows missing) prints its result
+line and one line on stderr, and exits with code 1. Exit 0 means all of the work is done.
 Progress and Keras output go to stderr, so stdout carries only the result line.
 """
 
@@ -14,7 +16,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from clfsys.errors import ClfsysError, DataError
+from clfsys.errors import ClfsysError, DataError, IncompleteError
 
 
 def _config_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -95,7 +97,8 @@ def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
 
     options = LabelOptions(batch_size=args.batch_size, actors=args.actors,
                            num_gpus=args.num_gpus, top_k=args.top_k,
-                           min_confidence=args.min_confidence)
+                           min_confidence=args.min_confidence,
+                           shared_inputs=args.shared_inputs)
     return run_label(args.model, args.input, args.output, resume=args.resume, options=options)
 
 
@@ -132,10 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("label", help="label image files into a Parquet dataset with Ray Data")
-    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--model", required=True, help="bundle directory or URI")
     p.add_argument("--input", required=True, action="append",
                    help="directory, file or glob (local or s3://, gs://); repeatable")
-    p.add_argument("--output", required=True, help="Parquet dataset directory")
+    p.add_argument("--output", required=True,
+                   help="Parquet dataset directory: local (this machine) or a URI")
+    p.add_argument("--shared-inputs", action="store_true",
+                   help="local --input paths are mounted on every node (NFS): decode them on "
+                        "any node instead of this machine's only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--actors", type=int, default=1, help="Predictor actors")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
@@ -177,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with redirect_stdout(sys.stderr):
             result = args.func(args)
+    except IncompleteError as exc:
+        print(json.dumps(exc.result), flush=True)
+        print(f"clfsys: incomplete: {exc}", file=sys.stderr)
+        return 1
     except ClfsysError as exc:
         print(f"clfsys: error: {exc}", file=sys.stderr)
         return 2

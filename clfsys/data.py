@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clfsys import images
+from clfsys import images, storage
 from clfsys.config import DataConfig
 from clfsys.errors import ConfigError, DataError
 
@@ -140,13 +140,17 @@ def _fashion_mnist() -> _Pools:
 
 
 def _read_csv(path: str, class_names: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    import io
+
     import pandas as pd
 
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"CSV file not found: {file}")
+    file = path
     try:
-        frame = pd.read_csv(file)
+        raw = storage.read_bytes(path)
+    except storage.StorageError as exc:
+        raise DataError(f"CSV file not found: {file}" if exc.not_found else str(exc)) from None
+    try:
+        frame = pd.read_csv(io.BytesIO(raw))
     except Exception as exc:
         raise DataError(f"{file}: cannot read CSV: {exc}") from None
     if frame.shape[1] < 2 or len(frame) == 0:
@@ -191,41 +195,41 @@ def _csv_pools(cfg: DataConfig) -> _Pools:
 # --- Image folders (one subfolder per class) -------------------------------------------------
 
 
-def _class_folders(root: Path) -> list[Path]:
-    if not root.is_dir():
+def _class_folders(root: str) -> list[str]:
+    if not storage.is_dir(root):
         raise DataError(f"image folder not found: {root}")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [f for f in storage.list_dirs(root) if not storage.name(f).startswith(".")]
     if len(folders) < 2:
         raise DataError(f"{root}: needs at least 2 class subfolders, found {len(folders)}")
     return folders
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and images.is_image_path(p))
+def _image_files(folder: str) -> list[str]:
+    return [f for f in storage.list_files(folder) if images.is_image_path(f)]
 
 
-def _decode_file(path: Path, size: tuple[int, int], color_mode: str) -> np.ndarray:
-    return images.decode(images.read_bytes(path), size, color_mode)
+def _decode_file(path: str, size: tuple[int, int], color_mode: str) -> np.ndarray:
+    return images.decode(storage.retrying(lambda: storage.read_bytes(path)), size, color_mode)
 
 
 def _read_folder(
-    root: Path, class_names: list[str] | None, cfg: DataConfig
+    root: str, class_names: list[str] | None, cfg: DataConfig
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]]]:
     folders = _class_folders(root)
-    names = [f.name for f in folders]
+    names = [storage.name(f) for f in folders]
     if class_names is not None:
         unknown = sorted(set(names) - set(class_names))
         if unknown:
             raise DataError(f"{root}: class folder {unknown[0]!r} is not a training class "
                             f"({', '.join(class_names)})")
-    files: list[Path] = []
+    files: list[str] = []
     labels: list[int] = []
-    for folder in folders:
+    for folder, folder_name in zip(folders, names, strict=True):
         found = _image_files(folder)
         if not found:
             raise DataError(f"class folder has no images: {folder}")
         files += found
-        labels += [(class_names or names).index(folder.name)] * len(found)
+        labels += [(class_names or names).index(folder_name)] * len(found)
     size = (cfg.image_size[0], cfg.image_size[1])
     shape = (*size, 1 if cfg.color_mode == "grayscale" else 3)
     x = np.zeros((len(files), *shape), dtype=np.uint8)
@@ -256,9 +260,10 @@ def _read_folder(
 
 
 def _folder_pools(cfg: DataConfig) -> _Pools:
-    x, y, names, skipped = _read_folder(Path(cfg.path), None, cfg)
+    x, y, names, skipped = _read_folder(storage.normalize(cfg.path), None, cfg)
     if cfg.test_path:
-        x_test, y_test, _, skipped_test = _read_folder(Path(cfg.test_path), names, cfg)
+        x_test, y_test, _, skipped_test = _read_folder(storage.normalize(cfg.test_path), names,
+                                                       cfg)
         skipped += skipped_test
     else:
         keep, held = stratified_split(y, cfg.test_fraction, cfg.seed + 1)

@@ -15,3 +15,14 @@ class DataError(ClfsysError):
 
 class BundleError(ClfsysError):
     """A model bundle is missing, foreign or corrupt; the message names the path."""
+
+
+class IncompleteError(ClfsysError):
+    """A job ran but did not do all of its work (files unread, rows missing, trials lost).
+
+    The CLI prints `result` as the JSON line, the message on stderr, and exits with code 1.
+    """
+
+    def __init__(self, message: str, result: dict) -> None:
+        super().__init__(message)
+        self.result = result

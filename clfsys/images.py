@@ -22,8 +22,9 @@ EMPTY = "empty file"
 NOT_AN_IMAGE = "not an image"
 TRUNCATED = "truncated"
 TOO_MANY_PIXELS = "too many pixels"
-UNREADABLE = "unreadable"
-ERROR_KINDS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_MANY_PIXELS, UNREADABLE)
+ERROR_KINDS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_MANY_PIXELS)
+"""What is wrong with the bytes themselves. A file that could not be read is not one of these:
+reading is `storage`'s business, and its failures are retried and reported as such."""
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Images with more pixels than this are refused before decoding (decompression bombs)."""
@@ -41,14 +42,6 @@ class ImageError(Exception):
 def is_image_path(path: str | Path) -> bool:
     """True when the file name has one of the supported image extensions (any case)."""
     return Path(str(path)).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def read_bytes(path: str | Path) -> bytes:
-    """Read a file, turning OS errors into an `ImageError` of kind 'unreadable'."""
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ImageError(UNREADABLE, exc.strerror or str(exc)) from None
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:

@@ -1,30 +1,34 @@
-"""Bulk labelling with Ray Data: image files -> decode -> Predictor actors -> Parquet.
+"""Bulk labelling with Ray Data: image files -> decode tasks -> Predictor actors -> Parquet.
 
-Every input file gets exactly one output row. A file that cannot be read or decoded gets a row
-whose `error` says why ("empty file", "not an image", "truncated", "too many pixels",
-"unreadable"); no file is lost and none stops the job. Files are listed by the driver (paths
-only); bytes are read and decoded inside the pipeline, one try/except per file, so the
-directory is never held in memory.
+Every input file ends as exactly one output row, or the job says it did not. A file whose bytes
+are bad gets a row whose `error` says why ("empty file", "not an image", "truncated", "too many
+pixels"). A file that could not be *read* (I/O error, timeout, permission, missing on the node
+that tried) is not a bad file: reads are retried with backoff, and a file still unread gets no
+row, is listed in `_unread.json`, and makes the job exit non-zero; `--resume` reads exactly
+those files again.
+
+Where things run: decoding reads the inputs, so inputs that are local paths are decoded on the
+driver's node (the only node that has them) unless declared shared (`--shared-inputs`, an NFS
+mount); URIs are decoded anywhere. Actors get decoded pixels and the bundle (`bundle.Portable`)
+through Ray, so they run on any node. The driver writes every Parquet file itself, through
+`storage`, to the location the user named, and counts the rows it reads back from there.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import functools
-import glob
-import os
+import io
+import json
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clfsys import images
-from clfsys.bundle import load as load_bundle
-from clfsys.errors import DataError
+from clfsys import bundle, images, storage
+from clfsys.errors import DataError, IncompleteError
 
 BATCHES_PER_BLOCK = 8
 """Input blocks (paths) hold at most this many batches: fewer, larger decode tasks..."""
@@ -35,124 +39,82 @@ TASK_CPUS = 0.75
 ACTOR_CPUS = 0.25
 """Logical CPU shares, i.e. how many of each run at once. Decoding is the heavy part (~1 ms per
 photo); a CPU Predictor actor needs a fraction of that. On a 2-CPU node this runs two tasks
-beside the actor; on larger nodes tasks overcommit cores by at most a third. Decode and Parquet
-write tasks ask for the same share, so the worker processes that Ray starts for the one serve
-the other (2 processes instead of 5 on 2 CPUs, each ~1 CPU-second to start). Different shares
+beside the actor; on larger nodes tasks overcommit cores by at most a third. Different shares
 for tasks and the actor also stop Ray Data fusing decoding into the actor's process."""
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _remote_listing(pattern: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    has_glob = any(c in pattern for c in "*?[")
-    base = pattern
-    if has_glob:
-        base = pattern[: min(pattern.index(c) for c in "*?[" if c in pattern)].rsplit("/", 1)[0]
-    fs, root = pafs.FileSystem.from_uri(base)
-    scheme = pattern.split("://", 1)[0]
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        return [pattern]
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"input not found: {pattern}")
-    found = [f"{scheme}://{i.path}" for i in fs.get_file_info(pafs.FileSelector(root,
-                                                                               recursive=True))
-             if i.type == pafs.FileType.File]
-    return [f for f in found if fnmatch.fnmatch(f, pattern)] if has_glob else found
+READ_ATTEMPTS = 3
+GIVE_UP_AFTER = 3
+"""A decode task stops reading after this many files in a row failed every attempt (storage is
+down); the rest of its batch is reported unread rather than waiting out each timeout."""
+SUMMARY_FILE = "_summary.json"
+UNREAD_FILE = "_unread.json"
+REPORT_FILE = "_report.html"
 
 
 def list_inputs(inputs: list[str]) -> list[str]:
-    """Expand directories (recursively), globs and files into image paths, sorted, unique."""
+    """Expand directories (recursively), globs and files into image locations, sorted, unique."""
     paths: list[str] = []
     for item in inputs:
-        if _is_uri(item):
-            candidates = _remote_listing(item)
-        elif any(c in item for c in "*?["):
-            candidates = sorted(glob.glob(item, recursive=True))
-            if not candidates:
-                raise DataError(f"no files match input pattern: {item}")
-            candidates = [c for p in candidates for c in _walk(p)]
-        else:
-            item = item.removeprefix("file://")
-            if not os.path.exists(item):
-                raise DataError(f"input not found: {item}")
-            candidates = _walk(item)
+        try:
+            candidates = storage.expand(item)
+        except storage.StorageError as exc:
+            raise DataError(f"input not found: {item}" if exc.not_found else str(exc)) from None
         paths += [p for p in candidates if images.is_image_path(p)]
-    unique = sorted(set(os.path.abspath(p) if not _is_uri(p) else p for p in paths))
+    unique = sorted(set(paths))
     if not unique:
         raise DataError(f"no image files ({', '.join(sorted(images.IMAGE_EXTENSIONS))}) in "
                         f"{', '.join(inputs)}")
     return unique
 
 
-def _walk(path: str) -> list[str]:
-    if os.path.isdir(path):
-        return [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-    return [path]
-
-
-@functools.lru_cache(maxsize=64)
-def _filesystem(root: str):
-    """The pyarrow filesystem of `scheme://authority/` and its path there, made once per process:
-    making one can cost network round trips (S3 looks up the bucket's region and credentials)."""
-    import pyarrow.fs as pafs
-
-    fs, base = pafs.FileSystem.from_uri(root)
-    return fs, base.rstrip("/")
-
-
-def _read_uri(uri: str) -> bytes:
-    scheme, rest = uri.split("://", 1)
-    authority, _, key = rest.partition("/")
-    try:
-        fs, base = _filesystem(f"{scheme}://{authority}/")
-        with fs.open_input_file(f"{base}/{key}") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise images.ImageError(images.UNREADABLE, str(exc)) from None
-
-
-def _read(path: str) -> bytes:
-    return _read_uri(path) if _is_uri(path) else images.read_bytes(path)
-
-
 def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int], color_mode: str,
                  max_pixels: int) -> dict[str, np.ndarray]:
-    """Ray Data stage: read and decode each file; a failure becomes that row's `error`."""
+    """Ray Data stage: read and decode each file. A bad file becomes that row's `error`; a file
+    that could not be read, after retries, that row's `read_error`."""
     channels = 1 if color_mode == "grayscale" else 3
     paths = batch["path"]
     out = np.zeros((len(paths), *size, channels), dtype=np.uint8)
     errors = np.full(len(paths), None, dtype=object)
+    read_errors = np.full(len(paths), None, dtype=object)
+    failed_in_a_row = 0
     for i, path in enumerate(paths):
+        path = str(path)
+        if failed_in_a_row >= GIVE_UP_AFTER:
+            read_errors[i] = f"not tried: storage failing ({read_errors[i - 1]})"
+            continue
         try:
-            out[i] = images.decode(_read(str(path)), size, color_mode, max_pixels=max_pixels)
+            data = storage.retrying(lambda p=path: storage.read_bytes(p), attempts=READ_ATTEMPTS)
+        except storage.StorageError as exc:
+            read_errors[i] = str(exc)
+            failed_in_a_row += 1
+            continue
+        failed_in_a_row = 0
+        try:
+            out[i] = images.decode(data, size, color_mode, max_pixels=max_pixels)
         except images.ImageError as exc:
             errors[i] = exc.kind
-        except Exception as exc:  # never let one file kill the job
-            errors[i] = f"{images.UNREADABLE}: {type(exc).__name__}"
-    return {"path": paths, "image": out, "error": errors}
+        except Exception as exc:  # never let one file kill the job; name what happened
+            errors[i] = f"{images.NOT_AN_IMAGE}: {type(exc).__name__}"
+    return {"path": paths, "image": out, "error": errors, "read_error": read_errors}
 
 
 class LabelActor:
     """Ray Data actor: hosts one Predictor and labels decoded batches."""
 
-    def __init__(self, bundle_path: str, top_k: int, min_confidence: float):
+    def __init__(self, source: bundle.Portable, top_k: int, min_confidence: float):
         from clfsys.predict import Predictor
 
-        self.predictor = Predictor(bundle_path, top_k=top_k)
+        self.predictor = Predictor(source.open(), top_k=top_k)
         self.min_confidence = min_confidence
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
-        # An all-null error column can come back from Arrow as NaNs: only strings are errors.
+        # An all-null string column can come back from Arrow as NaNs: only strings count.
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
+        read_errors = [e if isinstance(e, str) else None for e in batch["read_error"]]
         n = len(errors)
-        ok = np.array([e is None for e in errors], dtype=bool)
+        ok = np.array([e is None and r is None for e, r in zip(errors, read_errors,
+                                                                strict=True)], dtype=bool)
         label: list[Any] = [None] * n
         index: list[Any] = [None] * n
         confidence: list[Any] = [None] * n
@@ -169,8 +131,8 @@ class LabelActor:
         return pa.Table.from_pydict({
             "path": [str(p) for p in batch["path"]], "label": label, "label_index": index,
             "confidence": confidence, "top_k": top_k, "needs_review": review, "error": errors,
-            "model_id": [self.predictor.model_id] * n,
-        }, schema=schema())
+            "model_id": [self.predictor.model_id] * n, "read_error": read_errors,
+        }, schema=_pipeline_schema())
 
 
 def schema():
@@ -185,56 +147,63 @@ def schema():
     ])
 
 
-def _parquet_files(output: Path) -> list[Path]:
-    return sorted(p for p in output.rglob("*.parquet") if p.is_file())
+def _pipeline_schema():
+    import pyarrow as pa
+
+    return schema().append(pa.field("read_error", pa.string()))
 
 
-def done_paths(output: Path) -> set[str]:
-    """Paths already labelled in `output`; unreadable (partly written) files are removed, so
-    their rows are produced again."""
-    import pyarrow.parquet as pq
-
-    done: set[str] = set()
-    for file in _parquet_files(output):
-        try:
-            done.update(pq.read_table(file, columns=["path"]).column("path").to_pylist())
-        except Exception as exc:
-            print(f"removing incomplete output file {file} ({type(exc).__name__}); its rows "
-                  "will be labelled again", file=sys.stderr)
-            file.unlink()
-    return done
+# --- the output location ---------------------------------------------------------------------
 
 
-def drop_duplicates(output: Path) -> int:
-    """Keep the first row of each path (oldest file first); returns the rows removed.
+def output_files(output: str) -> list[str]:
+    """The Parquet files of an output dataset (report files start with '_' and are skipped)."""
+    return [f for f in storage.list_files(output, recursive=True)
+            if f.endswith(".parquet") and not storage.name(f).startswith(("_", "."))]
 
-    Ray workers of a killed run can finish writing a file a few seconds after its driver died;
-    a run resumed in that window labels those files again.
-    """
+
+def read_output(output: str, columns: list[str]):
+    """Columns of every row in the output, read back from its location (a pyarrow Table)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    seen: set[str] = set()
-    removed = 0
-    for file in sorted(_parquet_files(output), key=lambda f: f.stat().st_mtime):
-        keep = []
-        for path in pq.read_table(file, columns=["path"]).column("path").to_pylist():
-            keep.append(path not in seen)
-            seen.add(path)
-        if all(keep):
-            continue
-        removed += keep.count(False)
-        kept = pq.read_table(file).filter(pa.array(keep))
-        if kept.num_rows:
-            partial = file.with_name(file.name + ".partial")
-            pq.write_table(kept, partial)
-            os.replace(partial, file)
-        else:
-            file.unlink()
-    if removed:
-        print(f"removed {removed} duplicate rows (a killed run's workers finished writing "
-              "them after this run had listed what was done)", file=sys.stderr)
-    return removed
+    tables = []
+    for file in output_files(output):
+        fs, path = storage.resolve(file)
+        try:
+            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        except OSError as exc:
+            if "Parquet" in str(exc) or "magic" in str(exc):
+                raise DataError(f"{file} is not a readable Parquet file ({exc}); remove it "
+                                "and run again with --resume") from None
+            raise storage.StorageError(f"{file}: cannot read: {exc}") from None
+    if not tables:
+        return pa.table({c: pa.array([], type=schema().field(c).type) for c in columns})
+    return pa.concat_tables(tables)
+
+
+class _Writer:
+    """Writes each block of rows to `output` as one Parquet file of its own run, atomically
+    (blocks hold at most BATCHES_PER_BLOCK batches, so a killed run loses little)."""
+
+    def __init__(self, output: str):
+        self.output = output
+        self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.written = 0
+        self.files = 0
+
+    def write(self, table) -> None:
+        import pyarrow.parquet as pq
+
+        if not table.num_rows:
+            return
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        name = f"part-{self.run}-{self.files:05d}.parquet"
+        storage.retrying(lambda: storage.write_bytes(storage.join(self.output, name),
+                                                     buffer.getvalue()))
+        self.files += 1
+        self.written += table.num_rows
 
 
 @dataclass
@@ -245,6 +214,8 @@ class LabelOptions:
     top_k: int = 3
     min_confidence: float = 0.5
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    shared_inputs: bool = False
+    """Local input paths are mounted on every node (NFS): decode them anywhere."""
 
     def check(self) -> None:
         for name, ok in (("--batch-size", self.batch_size > 0), ("--actors", self.actors > 0),
@@ -258,40 +229,88 @@ def _attr(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def run_label(bundle_path: str, inputs: list[str], output: str, *, resume: bool = False,
+def run_label(model: str, inputs: list[str], output: str, *, resume: bool = False,
               options: LabelOptions | None = None) -> dict[str, Any]:
-    """Label every image file under `inputs` into a Parquet dataset at `output`."""
+    """Label every image file under `inputs` into a Parquet dataset at `output`.
+
+    Raises IncompleteError (with the summary) when any file is not in the output at the end.
+    """
     from clfsys.cluster import init_ray
 
     options = options or LabelOptions()
     options.check()
-    found = load_bundle(bundle_path)  # fail fast on a missing or foreign bundle
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--output {out} exists and is not a directory")
-    existing = _parquet_files(out) if out.is_dir() else []
-    if existing and not resume:
-        raise DataError(f"--output {out} already holds {len(existing)} Parquet files; pass "
-                        "--resume to label only the files not yet in it, or choose a new folder")
+    found = bundle.load(model)  # fail fast on a missing or foreign bundle
     found.check_file()  # the actors load the model; the driver needs no TensorFlow
+    out = storage.normalize(output)
+    if storage.is_file(out):
+        raise DataError(f"--output {output} exists and is not a directory")
+    existing = output_files(out)
+    if existing and not resume:
+        raise DataError(f"--output {output} already holds {len(existing)} Parquet files; pass "
+                        "--resume to label only the files not yet in it, or choose a new folder")
+    done: set[str] = set()
+    if existing:
+        previous = read_output(out, ["path", "model_id"])
+        _check_same_model(output, set(previous.column("model_id").to_pylist()), found.model_id)
+        done = set(previous.column("path").to_pylist())
     paths = list_inputs(inputs)
-    done = done_paths(out) if resume and out.is_dir() else set()
     todo = [p for p in paths if p not in done]
-    print(f"{len(paths)} image files, {len(done & set(paths))} already labelled, "
+    print(f"{len(paths)} image files, {len(paths) - len(todo)} already labelled, "
           f"{len(todo)} to label", file=sys.stderr)
     started = time.perf_counter()
+    unread: dict[str, str] = {}
+    failure = None
     if todo:
         init_ray()
-        out.mkdir(parents=True, exist_ok=True)
-        _pipeline(todo, found, options).write_parquet(
-            str(out.resolve()), ray_remote_args={"num_cpus": TASK_CPUS})
+        storage.make_dirs(out)
+        failure = _label(todo, found, options, out, unread)
     wall = time.perf_counter() - started
-    if resume:
-        drop_duplicates(out)
-    return summarize(out, paths, wall, len(todo))
+    return _finish(out, paths, wall, len(todo), unread, failure, found)
 
 
-def _pipeline(paths: list[str], found, options: LabelOptions):
+def _check_same_model(output: str, ids: set[str], model_id: str) -> None:
+    others = sorted(i for i in ids if i and i != model_id)
+    if others:
+        raise DataError(f"--output {output} holds labels of model_id {others[0]}, this run's "
+                        f"model is {model_id}; resume with the same model or choose a new "
+                        "output, so two models' labels are never mixed")
+
+
+def _label(todo: list[str], found: bundle.Bundle, options: LabelOptions, out: str,
+           unread: dict[str, str]) -> str | None:
+    """Run the pipeline, writing rows as they come; returns why it stopped early, if it did."""
+    import pyarrow.compute as pc
+
+    writer = _Writer(out)
+    columns = schema().names
+    last_report = time.monotonic()
+    seen = 0
+    failure = None
+    try:
+        for table in _pipeline(todo, found, options).iter_batches(batch_size=None,
+                                                                   batch_format="pyarrow"):
+            failed = table.column("read_error").is_valid()
+            for path, reason in zip(table.filter(failed).column("path").to_pylist(),
+                                    table.filter(failed).column("read_error").to_pylist(),
+                                    strict=True):
+                unread[path] = reason
+            writer.write(table.filter(pc.invert(failed)).select(columns))
+            seen += table.num_rows
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                print(f"labelled {seen}/{len(todo)} files, {writer.written} rows saved to "
+                      f"{out}, {len(unread)} unread", file=sys.stderr, flush=True)
+    except storage.StorageError as exc:
+        failure = f"cannot write to {out}: {exc}"
+    except Exception as exc:  # a lost node or actor past Ray's retries: keep what came back
+        text = str(exc).strip().splitlines()
+        failure = f"the pipeline failed: {type(exc).__name__}: {text[0] if text else ''}"[:500]
+    if failure:
+        print(f"clfsys: {failure}", file=sys.stderr)
+    return failure
+
+
+def _pipeline(paths: list[str], found: bundle.Bundle, options: LabelOptions):
     """paths -> decode tasks -> Predictor actors: a Ray Dataset of output rows."""
     import ray
 
@@ -302,15 +321,34 @@ def _pipeline(paths: list[str], found, options: LabelOptions):
                              override_num_blocks=num_blocks(len(paths), options.batch_size,
                                                             ray.cluster_resources().get("CPU", 1)))
     ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=options.batch_size,
-                        num_cpus=TASK_CPUS,
+                        num_cpus=TASK_CPUS, **_decode_placement(paths, options),
                         fn_kwargs={"size": found.image_size, "color_mode": found.color_mode,
                                    "max_pixels": options.max_pixels})
     return ds.map_batches(
         LabelActor, batch_format="numpy", batch_size=options.batch_size,
-        fn_constructor_kwargs={"bundle_path": str(found.path.resolve()), "top_k": options.top_k,
+        fn_constructor_kwargs={"source": bundle.portable(found), "top_k": options.top_k,
                                "min_confidence": options.min_confidence},
         compute=ray.data.ActorPoolStrategy(size=options.actors),
         num_gpus=options.num_gpus or None, num_cpus=None if options.num_gpus else ACTOR_CPUS)
+
+
+def _decode_placement(paths: list[str], options: LabelOptions) -> dict[str, Any]:
+    """Decode tasks that read local paths run on the driver's node: no other node has them."""
+    import ray
+
+    if options.shared_inputs or not any(storage.is_local(p) for p in paths):
+        return {}
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == here), {})
+    if node.get("Resources", {}).get("CPU", 0) < TASK_CPUS:
+        raise DataError(
+            "the inputs are local paths, which only this machine has, but its Ray node has no "
+            "CPU for decode tasks; put them on shared storage (s3://, gs://) or, if every node "
+            "mounts them at the same path, pass --shared-inputs")
+    if len(ray.nodes()) > 1:
+        print(f"inputs are local paths: decoding on this node ({here[:8]}) only; use a URI or "
+              "--shared-inputs to decode on every node", file=sys.stderr)
+    return {"label_selector": {"ray.io/node-id": here}}
 
 
 def num_blocks(files: int, batch_size: int, cpus: float) -> int:
@@ -320,21 +358,87 @@ def num_blocks(files: int, batch_size: int, cpus: float) -> int:
     return max(1, by_size, spread)
 
 
-def summarize(out: Path, paths: list[str], wall_s: float, processed: int) -> dict[str, Any]:
-    import pyarrow.parquet as pq
+# --- the end: count what is really there -----------------------------------------------------
 
-    table = pq.read_table(out, columns=["path", "error", "needs_review"]).to_pandas()
-    table = table[table["path"].isin(set(paths))]
-    errors = Counter(str(e).split(":")[0] for e in table["error"].dropna())
-    labelled = int(table["error"].isna().sum())
-    review = int(table["needs_review"].fillna(False).astype(bool).sum())
+
+def _finish(out: str, paths: list[str], wall_s: float, processed: int, unread: dict[str, str],
+            failure: str | None, found: bundle.Bundle) -> dict[str, Any]:
     rate = processed / wall_s if wall_s > 0 else 0.0
-    print(f"\n== labelled {labelled} of {len(paths)} files; errors: "
-          f"{dict(errors) or 'none'}; needs review: {review}; "
-          f"{processed} files in {wall_s:.1f} s ({rate:.0f} files/s); output: {out}",
-          file=sys.stderr)
-    missing = len(set(paths) - set(table["path"]))
-    return {"output": str(out), "files": len(paths), "labelled": labelled,
-            "errors": dict(errors), "needs_review": review, "missing": missing,
-            "duplicates": int(table["path"].duplicated().sum()),
-            "files_per_s": round(rate, 1), "wall_s": round(wall_s, 1)}
+    try:
+        table = read_output(out, ["path", "label", "confidence", "error", "needs_review"])
+    except storage.StorageError as exc:
+        result = {"output": out, "files": len(paths), "unread": len(unread),
+                  "wall_s": round(wall_s, 1), "ok": False}
+        raise IncompleteError(f"{failure or exc}; cannot read the output back ({exc}); run "
+                              "again with --resume when storage is back", result) from None
+    summary = summarize(table, paths)
+    summary.update({"output": out, "model_id": found.model_id, "unread": len(unread),
+                    "files_per_s": round(rate, 1), "wall_s": round(wall_s, 1)})
+    problems = []
+    if unread:
+        reasons = Counter(_reason(r) for r in unread.values()).most_common(3)
+        problems.append(f"{len(unread)} files could not be read ("
+                        + "; ".join(f"{n}x {r}" for r, n in reasons) + ")")
+    missing_other = summary["missing"] - len(unread)
+    if missing_other > 0:
+        problems.append(f"{missing_other} files have no row in {out}"
+                        + (f" ({failure})" if failure else ""))
+    if summary["duplicates"]:
+        problems.append(f"{summary['duplicates']} files have more than one row (two runs "
+                        "wrote to this output at once?)")
+    summary["ok"] = not problems
+    print(f"\n== labelled {summary['labelled']} of {len(paths)} files; errors: "
+          f"{summary['errors'] or 'none'}; needs review: {summary['needs_review']}; unread: "
+          f"{len(unread)}; {processed} files in {wall_s:.1f} s ({rate:.0f} files/s); "
+          f"output: {out}", file=sys.stderr)
+    _write_reports(out, summary, unread, table, found)
+    if problems:
+        raise IncompleteError("; ".join(problems) + f"; unread files are listed in "
+                              f"{storage.join(out, UNREAD_FILE)}; `--resume` labels exactly "
+                              "the files missing from the output", summary)
+    return summary
+
+
+def _reason(message: str) -> str:
+    """A read failure without its file name, to group them."""
+    return message.split(": ", 1)[-1][:120]
+
+
+def summarize(table, paths: list[str]) -> dict[str, Any]:
+    """Counts of the output rows (read back from storage) that belong to `paths`."""
+    frame = table.to_pandas()
+    frame = frame[frame["path"].isin(set(paths))]
+    errors = Counter(str(e).split(":")[0] for e in frame["error"].dropna())
+    labelled = frame[frame["error"].isna()]
+    return {"files": len(paths), "rows": int(len(frame)), "labelled": int(len(labelled)),
+            "errors": dict(errors),
+            "needs_review": int(frame["needs_review"].fillna(False).astype(bool).sum()),
+            "missing": len(set(paths) - set(frame["path"])),
+            "duplicates": int(frame["path"].duplicated().sum()),
+            "per_class": {str(k): int(v) for k, v in
+                          labelled["label"].value_counts().sort_index().items()}}
+
+
+def _write_reports(out: str, summary: dict[str, Any], unread: dict[str, str], table,
+                   found: bundle.Bundle) -> None:
+    """_summary.json, _unread.json and _report.html next to the Parquet files."""
+    from clfsys import report
+
+    try:
+        storage.write_text(storage.join(out, SUMMARY_FILE), json.dumps(summary, indent=1))
+        if unread:
+            storage.write_text(storage.join(out, UNREAD_FILE), json.dumps(unread, indent=1))
+        else:
+            storage.delete(storage.join(out, UNREAD_FILE))
+        page = report.label_report(summary, table.to_pandas(), _thumbnail, found.class_names)
+        storage.write_text(storage.join(out, REPORT_FILE), page)
+        print(f"report: {storage.join(out, REPORT_FILE)}", file=sys.stderr)
+    except storage.StorageError as exc:
+        print(f"clfsys: could not write the report files: {exc}", file=sys.stderr)
+
+
+def _thumbnail(path: str) -> np.ndarray | None:
+    try:
+        return images.decode(storage.read_bytes(path), (96, 96), "rgb")
+    except (storage.StorageError, images.ImageError):
+        return None

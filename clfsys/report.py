@@ -96,6 +96,11 @@ def sample_grid(
 
 def html_page(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
     """A plain HTML page; each section is (heading, html body)."""
+    Path(path).write_text(html_text(title, sections))
+    return Path(path)
+
+
+def html_text(title: str, sections: list[tuple[str, str]]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              "</title><style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
@@ -103,8 +108,76 @@ def html_page(path: str | Path, title: str, sections: list[tuple[str, str]]) -> 
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     parts.append("</body></html>")
-    Path(path).write_text("\n".join(parts))
-    return Path(path)
+    return "\n".join(parts)
+
+
+def _inline_png(fig) -> str:
+    """An <img> holding the figure itself, so a page on object storage needs no other file."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return f"<img src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
+
+
+def label_report(summary: dict, rows, thumbnail, class_names: list[str],
+                 sheet_size: int = 24) -> str:
+    """The labelling run's HTML page: counts per class, errors by kind, a confidence histogram
+    and a contact sheet of the least confident images (`thumbnail(path)` -> uint8 RGB or None).
+    `rows`: a DataFrame with path, label, confidence, error."""
+    labelled = rows[rows["error"].isna() & rows["label"].notna()]
+    counts = labelled["label"].value_counts()
+    fig = _figure(10, 0.35 * len(class_names) + 1.5)
+    ax = fig.subplots()
+    values = [int(counts.get(name, 0)) for name in class_names][::-1]
+    bars = ax.barh(class_names[::-1], values, color="tab:blue")
+    for bar, value in zip(bars, values, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value}", va="center",
+                fontsize=8)
+    ax.set_xlabel("files")
+    ax.set_title(f"{len(labelled)} files labelled, per class")
+    per_class = _inline_png(fig)
+
+    fig = _figure(10, 3.5)
+    ax = fig.subplots()
+    ax.hist(labelled["confidence"].astype(float), bins=np.linspace(0, 1, 41), color="tab:green")
+    ax.set_xlabel("confidence of the top label")
+    ax.set_ylabel("files")
+    ax.set_title("Confidence")
+    histogram = _inline_png(fig)
+
+    errors = rows["error"].dropna().map(lambda e: str(e).split(":")[0]).value_counts()
+    error_table = ("<p>No bad files.</p>" if errors.empty else "<table><tr><th>error</th>"
+                   "<th>files</th></tr>" + "".join(
+                       f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
+                       for k, v in errors.items()) + "</table>")
+    lowest = labelled.nsmallest(sheet_size, "confidence")
+    shown = [(r.path, r.label, r.confidence, thumbnail(r.path)) for r in lowest.itertuples()]
+    shown = [s for s in shown if s[3] is not None]
+    sheet = "<p>No labelled images.</p>"
+    if shown:
+        cols = min(8, len(shown))
+        grid_rows = -(-len(shown) // cols)
+        fig = _figure(1.6 * cols, 1.9 * grid_rows)
+        axes = np.atleast_1d(fig.subplots(grid_rows, cols)).ravel()
+        for ax in axes:
+            ax.axis("off")
+        for ax, (path, label, confidence, pixels) in zip(axes, shown, strict=False):
+            ax.imshow(pixels)
+            ax.set_title(f"{label}\n{confidence:.0%} {Path(path).name[:14]}", fontsize=7)
+        sheet = _inline_png(fig)
+    facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(summary.get(k)))}</td>"
+                    "</tr>" for k in ("output", "model_id", "files", "labelled", "errors",
+                                      "unread", "missing", "duplicates", "needs_review",
+                                      "files_per_s", "wall_s"))
+    return html_text("clfsys labelling report", [
+        ("Summary", f"<table>{facts}</table>"),
+        ("Labels per class", per_class),
+        ("Bad files, by kind", error_table),
+        ("Confidence of the top label", histogram),
+        (f"The {len(shown)} least confident images", sheet),
+    ])
 
 
 _END_MARKERS = {"asha": ("x", "stopped by ASHA"), "early_stopping": ("o", "Keras early stopping"),

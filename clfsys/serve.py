@@ -26,7 +26,7 @@ from clfsys.errors import ClfsysError
 
 APP_NAME = "clfsys"
 IMAGE_ERROR_STATUS = {"empty file": 400, "not an image": 422, "truncated": 422,
-                      "too many pixels": 422, "unreadable": 422}
+                      "too many pixels": 422}
 
 
 @dataclass(frozen=True)

@@ -130,12 +130,6 @@ def test_too_many_pixels_is_refused_before_decoding():
     assert decode(data, (8, 8), "rgb", max_pixels=6_000_000).shape == (8, 8, 3)
 
 
-def test_unreadable_file(tmp_path):
-    with pytest.raises(ImageError) as err:
-        images.read_bytes(tmp_path / "missing.png")
-    assert err.value.kind == images.UNREADABLE
-
-
 def test_extensions_are_case_insensitive():
     assert images.is_image_path("a/B.JPeG") and images.is_image_path("x.webp")
     assert not images.is_image_path("notes.txt") and not images.is_image_path("png")

@@ -19,7 +19,7 @@ from conftest import ROOT, needs_fashion_mnist
 from PIL import Image
 
 from clfsys import label
-from clfsys.errors import BundleError, DataError
+from clfsys.errors import BundleError, DataError, IncompleteError
 
 pytestmark = pytest.mark.slow
 
@@ -95,8 +95,6 @@ def write_zoo(root: Path) -> dict[str, str | None]:
     add("bomb.png", huge_png_header(100_000, 100_000), "too many pixels")
     for name, data in files.items():
         (root / name).write_bytes(data)
-    os.symlink(root / "nowhere.png", root / "dangling.png")  # listed, but cannot be read
-    expected["dangling.png"] = "unreadable"
     (root / "notes.txt").write_text("not an input")
     return expected
 
@@ -131,10 +129,52 @@ def test_every_file_gets_exactly_one_row_with_the_right_error(fmnist_bundle, tmp
             assert row["needs_review"] == (row["confidence"] < 0.5)
         else:
             assert row["label"] is None and row["confidence"] is None
-    assert summary["files"] == len(expected) and summary["missing"] == 0
+    assert summary["files"] == len(expected) and summary["missing"] == 0 and summary["ok"]
     assert summary["errors"] == {"empty file": 1, "not an image": 1, "truncated": 1,
-                                 "too many pixels": 1, "unreadable": 1}
-    assert "labelled 11 of 16 files" in capsys.readouterr().err
+                                 "too many pixels": 1}
+    assert "labelled 11 of 15 files" in capsys.readouterr().err
+    written = json.loads((out / label.SUMMARY_FILE).read_text())
+    assert written["labelled"] == 11 and sum(written["per_class"].values()) == 11
+    page = (out / label.REPORT_FILE).read_text()
+    assert "least confident images" in page and page.count("data:image/png;base64") == 3
+
+
+def test_a_file_that_cannot_be_read_is_no_row_and_the_run_is_incomplete(fmnist_bundle,
+                                                                        tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(png(np.full((28, 28), i * 80, dtype=np.uint8)))
+    os.symlink(root / "nowhere.png", root / "dangling.png")  # listed, but cannot be read
+    out = tmp_path / "labels"
+    with pytest.raises(IncompleteError, match="1 files could not be read") as raised:
+        label.run_label(str(fmnist_bundle), [str(root)], str(out))
+    result = raised.value.result
+    assert (result["labelled"], result["unread"], result["missing"], result["ok"]) == \
+        (3, 1, 1, False)
+    assert {Path(r["path"]).name for r in read_rows(out)} == {"0.png", "1.png", "2.png"}
+    unread = json.loads((out / label.UNREAD_FILE).read_text())
+    assert list(unread) == [str(root / "dangling.png")] and "no such file" in unread[
+        str(root / "dangling.png")]
+    # --resume tries exactly the unread file again; now it is there.
+    os.unlink(root / "dangling.png")
+    (root / "dangling.png").write_bytes(png(np.zeros((28, 28), dtype=np.uint8)))
+    summary = label.run_label(str(fmnist_bundle), [str(root)], str(out), resume=True)
+    assert summary["ok"] and summary["labelled"] == 4 and summary["rows"] == 4
+    assert not (out / label.UNREAD_FILE).exists()
+
+
+def test_resume_refuses_an_output_of_another_model(fmnist_bundle, trained_bundle, tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.png").write_bytes(png(np.zeros((28, 28), dtype=np.uint8)))
+    out = tmp_path / "labels"
+    label.run_label(str(fmnist_bundle), [str(root)], str(out))
+    other = json.loads((trained_bundle / "metadata.json").read_text())["model_id"]
+    mine = json.loads((fmnist_bundle / "metadata.json").read_text())["model_id"]
+    with pytest.raises(DataError, match=f"holds labels of model_id {mine}, this run's model "
+                                        f"is {other}"):
+        label.run_label(str(trained_bundle), [str(root)], str(out), resume=True)
 
 
 def test_parquet_schema_and_readers(fmnist_bundle, tmp_path):
@@ -149,7 +189,7 @@ def test_parquet_schema_and_readers(fmnist_bundle, tmp_path):
     out = tmp_path / "labels"
     label.run_label(str(fmnist_bundle), [str(root / "*.png")], str(out))
     assert pq.read_schema(next(out.glob("*.parquet"))) == label.schema()
-    frame = pd.read_parquet(out)
+    frame = pd.read_parquet(out)  # the report files start with '_': readers skip them
     assert list(frame.columns) == ["path", "label", "label_index", "confidence", "top_k",
                                    "needs_review", "error", "model_id"]
     assert frame["model_id"].nunique() == 1
@@ -214,47 +254,9 @@ def test_blocks_spread_small_inputs_over_the_cores_and_cap_large_ones():
     assert label.num_blocks(1, 512, cpus=2) == 1
 
 
-def test_uris_are_read_through_one_filesystem_per_bucket(tmp_path):
-    for name in ("a.png", "b.png"):
-        (tmp_path / name).write_bytes(name.encode())
-    label._filesystem.cache_clear()
-    assert label._read_uri(f"file://{tmp_path}/a.png") == b"a.png"
-    assert label._read_uri(f"file://{tmp_path}/b.png") == b"b.png"
-    assert label._filesystem.cache_info().misses == 1
-    with pytest.raises(label.images.ImageError, match="unreadable"):
-        label._read_uri(f"file://{tmp_path}/missing.png")
-
-
-def test_drop_duplicates_keeps_the_oldest_row_of_each_path(tmp_path):
-    import pyarrow as pa
-
-    def write(name, paths, value, mtime):
-        rows = {"path": paths, "label": [value] * len(paths)}
-        table = pa.Table.from_pydict({**{c: [None] * len(paths) for c in label.schema().names},
-                                      **rows}, schema=label.schema())
-        pq.write_table(table, tmp_path / name)
-        os.utime(tmp_path / name, (mtime, mtime))
-
-    write("old.parquet", ["a", "b"], "first", 1000)
-    write("late.parquet", ["b", "c"], "second", 2000)  # a straggler's file, written later
-    write("dup.parquet", ["a"], "third", 3000)
-    assert label.drop_duplicates(tmp_path) == 2
-    table = pq.read_table(tmp_path).to_pandas().sort_values("path")
-    assert table["path"].tolist() == ["a", "b", "c"]
-    assert table["label"].tolist() == ["first", "first", "second"]
-    assert not (tmp_path / "dup.parquet").exists() and not list(tmp_path.glob("*.partial"))
-    assert label.drop_duplicates(tmp_path) == 0
-
-
 def complete_rows(out: Path) -> int:
-    """Rows in the fully written Parquet files under `out`."""
-    rows = 0
-    for file in out.glob("*.parquet"):
-        try:
-            rows += pq.read_metadata(file).num_rows
-        except Exception:  # being written, or torn
-            pass
-    return rows
+    """Rows in the Parquet files under `out` (each one appears whole: written, then renamed)."""
+    return sum(pq.read_metadata(file).num_rows for file in out.glob("*.parquet"))
 
 
 def test_resume_after_a_kill_labels_every_file_exactly_once(fmnist_bundle, tmp_path):
@@ -276,16 +278,13 @@ def test_resume_after_a_kill_labels_every_file_exactly_once(fmnist_bundle, tmp_p
             time.sleep(0.05)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    # Ray writes each file in place: the kill may also have torn one mid-write.
     assert 0 < complete_rows(out) < 3000, (tmp_path / "first.log").read_text()[-2000:]
-    (out / "torn.parquet").write_bytes(b"PAR1 torn by a crash")  # a half-written file
 
     refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
     done = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert not (out / "torn.parquet").exists()
     rows = read_rows(out)
     paths = [r["path"] for r in rows]
     assert len(paths) == len(set(paths)) == 3000

