@@ -8,13 +8,25 @@ KERAS_CACHE := $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick bench bench-seeds bench-search bench-label bench-serve lint seed-data clean
+.PHONY: demo demo-cluster test test-quick bench bench-seeds bench-search bench-label bench-serve lint lock seed-data clean
 
-$(STAMP): pyproject.toml
+# Every install comes from the lock files (locks/*.txt, made by `make lock`), the same versions as
+# on the cluster's nodes (cluster.yaml installs locks/base.txt or locks/gpu.txt).
+$(STAMP): pyproject.toml locks/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -r locks/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve the stack after changing pyproject.toml's dependencies (needs the package index).
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --quiet
+lock:
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet uv
+	$(UV_COMPILE) -o locks/base.txt
+	$(UV_COMPILE) --extra dev -c locks/base.txt -o locks/dev.txt
+	$(UV_COMPILE) --extra gpu -c locks/base.txt -o locks/gpu.txt
 
 # Keras reads ~/.keras/datasets/fashion-mnist/*.gz before trying the network.
 seed-data:
@@ -27,6 +39,11 @@ seed-data:
 
 demo: $(STAMP) seed-data
 	$(BIN)/python jobs/demo.py --out $(DEMO_DIR)
+
+# The demo on a local two-node cluster (the worker cannot see this machine's files) with a local
+# S3 server as the shared storage; both are torn down at the end. Needs root (unshare -m).
+demo-cluster: $(STAMP) seed-data
+	$(BIN)/python jobs/demo.py --out $(DEMO_DIR)-cluster --cluster
 
 test: $(STAMP) seed-data
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -5,7 +5,10 @@ Data: (a) all 70,000 Fashion-MNIST images exported as PNGs; (b) the hymenoptera 
 same run:
   - `clfsys label` end to end (Ray Data -> Parquet) with 1 and 2 Predictor actors,
   - a single-process baseline: tf.data decode + model.predict in batches of 1024, no Parquet,
-  - the tutorials' per-image loop (load one image, model.predict on it), on a sample.
+  - the tutorials' per-image loop (load one image, model.predict on it), on a sample,
+  - `clfsys label` with 1 actor reading its inputs from and writing its output to a local S3
+    server (SeaweedFS on 127.0.0.1, the same files uploaded first), against local files on one node
+    (--no-s3 leaves it out).
 Every file is read once before timing (a warm page cache for all). Each variant runs --repeats
 times (interleaved; the median run is reported), each run as its own process session; peak
 memory is the largest sum of the RSS of every process in that session (driver, Ray daemons and
@@ -55,11 +58,11 @@ def warm_page_cache(files: list[str]) -> None:
                 pass
 
 
-def measure(command: list[str]) -> dict:
+def measure(command: list[str], env: dict | None = None) -> dict:
     """Run `command` in a new session; wall time, peak session RSS and its JSON result line."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env=env)
     peak = 0
     stop = threading.Event()
 
@@ -159,8 +162,6 @@ def prepare(work: Path, copies: int) -> dict[str, tuple[Path, Path]]:
 
 
 def main() -> None:
-    from clfsys.images import is_image_path
-
     if len(sys.argv) > 1 and sys.argv[1] == "baseline":
         baseline(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return
@@ -170,10 +171,31 @@ def main() -> None:
     parser.add_argument("--photo-copies", type=int, default=25, help="(b): copies of the photos")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median)")
     parser.add_argument("--only", choices=("a", "b"), help="run one dataset: (a) or (b)")
+    parser.add_argument("--no-s3", action="store_true", help="leave out the S3 variant")
     args = parser.parse_args()
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     report = {}
+    s3 = None
+    if not args.no_s3:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from infra import S3Server
+
+        shutil.rmtree(work / "s3", ignore_errors=True)
+        s3 = S3Server(work / "s3").start()
+        os.environ.update(s3.env)  # this process uploads; the variant's process inherits it
+    try:
+        run_all(args, work, report, s3)
+    finally:
+        if s3 is not None:
+            s3.stop()
+    (work / "results.json").write_text(json.dumps(report, indent=2))
+
+
+def run_all(args, work: Path, report: dict, s3) -> None:
+    from clfsys import storage
+    from clfsys.images import is_image_path
+
     for name, (folder, bundle_dir) in prepare(work, args.photo_copies).items():
         if args.only and not name.startswith(f"({args.only})"):
             continue
@@ -188,6 +210,15 @@ def main() -> None:
                 [sys.executable, "-m", "clfsys.cli", "label", "--model", str(bundle_dir),
                  "--input", str(folder), "--output", str(out), "--actors", str(actors),
                  "--batch-size", "512"], out)
+        if s3 is not None:
+            inputs = s3.uri("inputs", folder.name)
+            started = time.perf_counter()
+            storage.copy_tree(folder, inputs)
+            print(f"uploaded {len(files)} files to {inputs} in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            variants["clfsys label, 1 actor, S3 in and out"] = (
+                [sys.executable, "-m", "clfsys.cli", "label", "--model", str(bundle_dir),
+                 "--input", inputs, "--output", "S3_OUTPUT", "--batch-size", "512"], "s3")
         for kind, label in (("tfdata", "single process: tf.data + predict(1024)"),
                             ("loop", f"tutorial per-image loop ({args.sample} images)")):
             variants[label] = ([sys.executable, "benchmarks/label.py", "baseline", kind,
@@ -197,7 +228,11 @@ def main() -> None:
             for variant, (command, out) in variants.items():
                 if variant.startswith("tutorial") and repeat:
                     continue  # a slow sample; once is enough
-                if out is not None:
+                if out == "s3":  # a new output location each run
+                    command = [s3.uri("labels", f"{folder.name}-{repeat}")
+                               if c == "S3_OUTPUT" or c.startswith(s3.uri("labels")) else c
+                               for c in command]
+                elif out is not None:
                     shutil.rmtree(out, ignore_errors=True)
                 m = measure(command)
                 result = m["result"]
@@ -228,9 +263,15 @@ def main() -> None:
         one, two = (rows[k]["images_per_s"] for k in list(rows)[:2])
         print(f"1 -> 2 actors: {one:.0f} -> {two:.0f} images/s end to end ({two / one:.2f}x). "
               "Ratios use end-to-end rates, except the per-image loop's own (in run, on a sample).")
+        if s3 is not None:
+            remote = rows["clfsys label, 1 actor, S3 in and out"]
+            local = rows["clfsys label, 1 actor"]
+            print(f"S3 in and out vs local files, 1 actor: {remote['images_per_s']:.0f} vs "
+                  f"{one:.0f} images/s end to end ({remote['images_per_s'] / one:.2f}x); in run "
+                  f"{remote['in_run_images_per_s']:.0f} vs {local['in_run_images_per_s']:.0f} "
+                  f"({remote['in_run_images_per_s'] / local['in_run_images_per_s']:.2f}x)")
         print(f"Median of {args.repeats} interleaved runs per variant (the loop: one); walls s: "
               + "; ".join(f"{v}: {r['walls_s']}" for v, r in rows.items()))
-    (work / "results.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

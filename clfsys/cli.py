@@ -13,7 +13,6 @@ import json
 import os
 import sys
 from contextlib import redirect_stdout
-from pathlib import Path
 from typing import Any
 
 from clfsys.errors import ClfsysError, DataError, IncompleteError
@@ -25,24 +24,34 @@ def _config_args(parser: argparse.ArgumentParser, required: bool) -> None:
                         metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.01")
 
 
-def _check_out_dir(out: str, force: bool) -> Path:
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise DataError(f"--out {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise DataError(f"--out {path} is not empty; choose a new directory or pass --force")
-    return path
+def _check_out_dir(out: str, force: bool) -> str:
+    from clfsys import storage
+
+    if storage.is_file(out):
+        raise DataError(f"--out {out} exists and is not a directory")
+    if storage.list_files(out) and not force:
+        raise DataError(f"--out {out} is not empty; choose a new directory or pass --force")
+    return storage.normalize(out)
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    from clfsys import storage
     from clfsys.config import load_config
     from clfsys.train import publish, train
 
     cfg = load_config(args.config, args.overrides)
     out = _check_out_dir(args.out, args.force)
-    result = train(cfg, work_dir=out)
+    staging = out if storage.is_local(out) else tempfile.mkdtemp(prefix="clfsys-train-")
+    result = train(cfg, work_dir=staging)
     print(f"data: {result.dataset.summary()}", file=sys.stderr)
-    return publish(result, out)
+    summary = publish(result, staging)
+    if staging != out:  # a URI: the bundle, its logs and checkpoints go there
+        storage.copy_tree(staging, out)
+        summary["bundle"] = out
+        print(f"copied to {out}", file=sys.stderr)
+    return summary
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         host=args.host, port=args.port, replicas=args.replicas, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms, num_gpus=args.num_gpus, max_body_mb=args.max_body_mb,
-        auth_token_env=args.auth_token_env)
+        auth_token_env=args.auth_token_env, name=args.name,
+        max_replicas_per_node=args.max_replicas_per_node)
     return run_server(args.model, options)
 
 
@@ -119,18 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model and write a bundle")
     _config_args(p, required=True)
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--out", required=True, help="bundle directory to write (local or a URI)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test metrics of a bundle")
-    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--model", required=True, help="bundle directory or URI")
     _config_args(p, required=False)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tune", help="search architectures and learning rates on Ray Tune")
     _config_args(p, required=True)
-    p.add_argument("--out", required=True, help="directory for trials, best/ and report/")
+    p.add_argument("--out", required=True,
+                   help="directory (local or a URI) for trials, best/ and report/")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.set_defaults(func=cmd_tune)
 
@@ -154,12 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve (until Ctrl-C)")
-    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--model", required=True, help="bundle directory or URI")
+    p.add_argument("--name", default="clfsys",
+                   help="Serve application name; names other than the default are served "
+                        "under /<name>/ (several models on one cluster)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
     p.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
     p.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
+    p.add_argument("--max-replicas-per-node", type=int,
+                   help="spread replicas over nodes: at most this many on one node")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")

@@ -218,8 +218,11 @@ class TuneConfig:
     max_failures: int = 1
     """Retries of a failed trial, resumed from its last checkpoint."""
     storage_path: str | None = None
-    """Where Tune keeps trial state and checkpoints: shared storage (s3://..., NFS) on a
-    multi-node cluster; default <out>/ray."""
+    """Where Tune keeps trial state, checkpoints and each trial's logs: storage every node
+    reaches (s3://..., gs://...) on a multi-node cluster; default <out>/ray."""
+    storage_shared: bool = False
+    """Declare a local tune.storage_path shared by every node (an NFS mount); without it, a
+    local path is refused on a cluster of more than one node."""
 
     def __post_init__(self) -> None:
         _check(self.searcher in SEARCHERS, "tune.searcher", f"must be one of {list(SEARCHERS)}",

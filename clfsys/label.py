@@ -42,9 +42,12 @@ photo); a CPU Predictor actor needs a fraction of that. On a 2-CPU node this run
 beside the actor; on larger nodes tasks overcommit cores by at most a third. Different shares
 for tasks and the actor also stop Ray Data fusing decoding into the actor's process."""
 READ_ATTEMPTS = 3
-GIVE_UP_AFTER = 3
-"""A decode task stops reading after this many files in a row failed every attempt (storage is
-down); the rest of its batch is reported unread rather than waiting out each timeout."""
+GIVE_UP_AFTER = 2
+PROBE_EVERY_S = 10.0
+"""After GIVE_UP_AFTER files in a row failed every attempt in one worker process (storage is
+down), the process tries one file, once, every PROBE_EVERY_S seconds and reports the others
+unread without waiting out their timeouts; the first file read again ends that."""
+_read_failures = {"in_a_row": 0, "last": "", "probed_at": 0.0}
 SUMMARY_FILE = "_summary.json"
 UNREAD_FILE = "_unread.json"
 REPORT_FILE = "_report.html"
@@ -75,19 +78,23 @@ def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int], color_mode
     out = np.zeros((len(paths), *size, channels), dtype=np.uint8)
     errors = np.full(len(paths), None, dtype=object)
     read_errors = np.full(len(paths), None, dtype=object)
-    failed_in_a_row = 0
     for i, path in enumerate(paths):
         path = str(path)
-        if failed_in_a_row >= GIVE_UP_AFTER:
-            read_errors[i] = f"not tried: storage failing ({read_errors[i - 1]})"
+        failing = _read_failures["in_a_row"] >= GIVE_UP_AFTER
+        if failing and time.monotonic() - _read_failures["probed_at"] < PROBE_EVERY_S:
+            read_errors[i] = f"{path}: not tried, storage failing ({_read_failures['last']})"
             continue
+        if failing:
+            _read_failures["probed_at"] = time.monotonic()
         try:
-            data = storage.retrying(lambda p=path: storage.read_bytes(p), attempts=READ_ATTEMPTS)
+            data = storage.retrying(lambda p=path: storage.read_bytes(p),
+                                    attempts=1 if failing else READ_ATTEMPTS)
         except storage.StorageError as exc:
             read_errors[i] = str(exc)
-            failed_in_a_row += 1
+            _read_failures["in_a_row"] += 1
+            _read_failures["last"] = _reason(str(exc))
             continue
-        failed_in_a_row = 0
+        _read_failures["in_a_row"] = 0
         try:
             out[i] = images.decode(data, size, color_mode, max_pixels=max_pixels)
         except images.ImageError as exc:

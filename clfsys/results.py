@@ -14,29 +14,57 @@ from typing import Any
 
 import numpy as np
 
-from clfsys import report
+from clfsys import report, storage
 from clfsys.config import Config
 from clfsys.data import Dataset
-from clfsys.errors import DataError
+from clfsys.errors import DataError, IncompleteError
 from clfsys.space import overrides, trial_config
 
 ASHA_LOG = "asha_stopped.json"
 
 
-def record_asha_stop(log: Path, trial_id: str, epoch: int) -> None:
-    """Note in `log` (an ASHA_LOG file) that ASHA stopped `trial_id` at `epoch`."""
-    stopped = json.loads(log.read_text()) if log.exists() else {}
+def record_asha_stop(log: str, trial_id: str, epoch: int) -> None:
+    """Note in `log` (an ASHA_LOG location) that ASHA stopped `trial_id` at `epoch`."""
+    stopped = asha_stops(log)
     stopped[trial_id] = epoch
-    log.write_text(json.dumps(stopped))
+    storage.write_text(log, json.dumps(stopped))
+
+
+def asha_stops(log: str) -> dict[str, int]:
+    try:
+        return json.loads(storage.read_text(log))
+    except storage.StorageError as exc:
+        if exc.not_found:
+            return {}
+        raise
+
+
+INFRASTRUCTURE = "infrastructure"
+TRAINING = "training"
+
+
+def failure_kind(error: BaseException) -> str:
+    """Why a trial failed: `infrastructure` (a lost node, worker or actor, unreachable storage)
+    or `training` (the trial's own code: a NaN loss, a bad configuration)."""
+    import ray.exceptions as rex
+
+    lost = (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError, rex.ObjectLostError,
+            rex.OutOfMemoryError, rex.RaySystemError)
+    cause = getattr(error, "cause", None)
+    for candidate in (error, cause):
+        if isinstance(candidate, lost) or isinstance(candidate, OSError | TimeoutError) or (
+                isinstance(candidate, storage.StorageError)):
+            return INFRASTRUCTURE
+    return TRAINING
 
 
 def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, list | dict) else value
 
 
-def trial_rows(grid, cfg: Config, out: Path) -> tuple[list[dict], dict[str, Any]]:
+def trial_rows(grid, cfg: Config, asha_log: str) -> tuple[list[dict], dict[str, Any]]:
     """One row per trial, and each trial's Result by id."""
-    asha = json.loads((out / ASHA_LOG).read_text()) if (out / ASHA_LOG).exists() else {}
+    asha = asha_stops(asha_log)
     rows, by_id = [], {}
     for result in grid:
         metrics = result.metrics or {}
@@ -68,6 +96,7 @@ def trial_rows(grid, cfg: Config, out: Path) -> tuple[list[dict], dict[str, Any]
             "status": "ERROR" if result.error is not None else (
                 "TERMINATED" if epochs else "NOT_STARTED"),
             "error": error,
+            "failure": None if result.error is None else failure_kind(result.error),
             "wall_s": round(float(metrics.get("time_total_s", 0.0)), 1),
             "node_id": metrics.get("node_id"),
             "cuda_visible_devices": metrics.get("cuda_visible_devices"),
@@ -125,17 +154,26 @@ def _leaderboard_html(rows: list[dict]) -> str:
     return f"<table><tr><th>#</th>{head}</tr>{''.join(body)}</table>"
 
 
-def write_outputs(grid, cfg: Config, dataset: Dataset, out: Path, wall_s: float) -> dict:
-    """Write trials.csv/.parquet, best/ and report/; print a summary; return the result line."""
+def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
+                  wall_s: float) -> dict:
+    """Write trials.csv/.parquet, best/ and report/ to `location` (staged in the local folder
+    `out`, then copied there when it is a URI); print a summary; return the result line."""
     import pandas as pd
 
-    rows, by_id = trial_rows(grid, cfg, out)
+    rows, by_id = trial_rows(grid, cfg, storage.join(location, ASHA_LOG))
     table = pd.DataFrame(rows)
     table.to_csv(out / "trials.csv", index=False)
     table.to_parquet(out / "trials.parquet", index=False)
+    errored = int((table["status"] == "ERROR").sum())
+    lost = int((table["failure"] == INFRASTRUCTURE).sum())
     finished = [r for r in rows if r["status"] != "ERROR" and r["best_val_accuracy"] is not None]
     if not finished:
-        raise DataError(f"no trial finished successfully; see {out / 'trials.csv'}")
+        _publish(out, location)
+        raise IncompleteError(
+            f"no trial finished successfully ({errored} errored: {lost} for infrastructure "
+            f"reasons, {errored - lost} in training); see {storage.join(location, 'trials.csv')}",
+            {"trials": len(rows), "errored": errored, "infrastructure_failures": lost,
+             "trials_csv": storage.join(location, "trials.csv")})
     best_row = finished[0]
     summary = _best_bundle(by_id[best_row["trial_id"]], best_row, cfg, dataset, out)
 
@@ -147,7 +185,6 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, out: Path, wall_s: float)
     for plot in ("learning_curves", "confusion_matrix", "samples"):
         shutil.copy(out / "best" / "plots" / f"{plot}.png", pages / f"best_{plot}.png")
     epochs_total = int(table["epochs_run"].sum())
-    errored = int((table["status"] == "ERROR").sum())
     report.html_page(pages / "index.html", "clfsys search report", [
         ("Summary", f"<p>{len(rows)} trials ({errored} errored), {epochs_total} epochs in "
                     f"{wall_s:.0f} s. Best trial <b>{html.escape(best_row['trial_id'])}</b>: "
@@ -163,21 +200,30 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, out: Path, wall_s: float)
         ("Best model: confusion matrix (test)", "<img src='best_confusion_matrix.png'>"),
         ("Best model: sample test predictions", "<img src='best_samples.png'>"),
     ])
-    print(f"\n== search done: {len(rows)} trials, {errored} errored, {epochs_total} epochs, "
-          f"{wall_s:.0f} s", file=sys.stderr)
+    print(f"\n== search done: {len(rows)} trials, {errored} errored ({lost} for infrastructure "
+          f"reasons), {epochs_total} epochs, {wall_s:.0f} s", file=sys.stderr)
     for rank, row in enumerate(rows[:5], start=1):
         params = ", ".join(f"{k[6:]}={v}" for k, v in row.items()
                            if k.startswith("param.") and v is not None and v == v)
         score = "-" if row["best_val_accuracy"] is None else f"{row['best_val_accuracy']:.4f}"
         print(f"  {rank}. {row['trial_id']} val_acc={score} epochs={row['epochs_run']} "
               f"({row['stopped_by']}) {params}", file=sys.stderr)
-    print(f"best model: {out / 'best'}; report: {pages / 'index.html'}", file=sys.stderr)
+    _publish(out, location)
+    print(f"best model: {storage.join(location, 'best')}; report: "
+          f"{storage.join(location, 'report', 'index.html')}", file=sys.stderr)
     return {
         "best_trial": best_row["trial_id"], "val_accuracy": round(best_row["best_val_accuracy"], 4),
         "test_accuracy": summary["test_accuracy"], "model_id": summary["model_id"],
-        "bundle": str(out / "best"), "trials": len(rows), "errored": errored,
+        "bundle": storage.join(location, "best"), "trials": len(rows), "errored": errored,
+        "infrastructure_failures": lost,
         "epochs_total": epochs_total, "wall_s": round(wall_s, 1),
     }
+
+
+def _publish(staging: Path, location: str) -> None:
+    """Copy the staged outputs to a URI `location` (a local one was written in place)."""
+    if storage.is_uri(location):
+        storage.copy_tree(staging, location)
 
 
 def experiment_dir(by_id: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@ about n * grace + n/rf * (next rung - grace) + ... epochs for n configurations.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -29,7 +28,7 @@ class PromotingASHA(FIFOScheduler):
     """ASHA that pauses trials at rungs and promotes the top 1/reduction_factor."""
 
     def __init__(self, *, metric: str, mode: str, time_attr: str, max_t: int,
-                 grace_period: int, reduction_factor: int, stopped_log: Path):
+                 grace_period: int, reduction_factor: int, stopped_log: str):
         super().__init__()
         self.rank_metric, self.rank_mode, self.time_attr = metric, mode, time_attr
         self.rf = reduction_factor

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from clfsys import data as data_mod
+from clfsys import storage
 from clfsys.cluster import init_ray
 from clfsys.config import Config, from_dict
-from clfsys.errors import DataError
+from clfsys.errors import ConfigError, DataError
 from clfsys.results import ASHA_LOG, record_asha_stop
 from clfsys.space import Param, check_space, parse_space, trial_config
 
@@ -149,12 +150,12 @@ def _domain(param: Param):
     return tune.randint(param.args[0], param.args[1] + 1)  # inclusive bounds
 
 
-def _scheduler(cfg: Config, out: Path):
+def _scheduler(cfg: Config, out: str):
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
     if cfg.tune.scheduler == "none":
         return FIFOScheduler()
-    log = out / ASHA_LOG
+    log = storage.join(out, ASHA_LOG)
     max_epochs = cfg.tune.max_epochs
     if cfg.tune.scheduler == "asha":
         from clfsys.scheduler import PromotingASHA
@@ -197,14 +198,31 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def experiment_path(cfg: Config, out: Path) -> str:
-    storage = cfg.tune.storage_path or str((out / "ray").resolve())
-    return f"{storage.rstrip('/')}/{EXPERIMENT}"
+def experiment_path(cfg: Config, out: str) -> str:
+    storage_path = cfg.tune.storage_path or storage.join(out, "ray")
+    return storage.join(storage_path, EXPERIMENT)
+
+
+def check_storage_reaches_every_node(cfg: Config, path: str) -> None:
+    """Refuse, before any trial starts, a search whose trials could not all reach its storage:
+    a local path on a cluster of several nodes, unless declared shared."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if storage.is_uri(path) or cfg.tune.storage_shared or len(nodes) <= 1:
+        return
+    where = "tune.storage_path" + ("" if cfg.tune.storage_path else " (default <out>/ray)")
+    raise ConfigError(
+        f"{where} is {path.rsplit('/', 1)[0]}, a local path, but the cluster has {len(nodes)} "
+        "nodes: trials on the others could not checkpoint or resume there; set "
+        "tune.storage_path=s3://BUCKET/PREFIX (or gs://...), or tune.storage_shared=true if "
+        "that path is a mount every node shares (NFS)")
 
 
 def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Run (or resume) the search; write trials.csv/.parquet, best/ and report/ in `out_dir`.
+    """Run (or resume) the search; write trials.csv/.parquet, best/ and report/ to `out_dir`
+    (a local path or a URI).
 
     `callbacks` are extra Keras callbacks run inside every trial.
     """
@@ -214,19 +232,21 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
 
     params = parse_space(cfg.tune.space)
     check_space(cfg, params)
-    out = Path(out_dir)
+    out = storage.normalize(out_dir)
     path = experiment_path(cfg, out)
     if resume:
         if not tune.Tuner.can_restore(path):
             raise DataError(f"nothing to resume at {path}: no search state found")
-    elif out.is_dir() and any(out.iterdir()):
-        raise DataError(f"--out {out} is not empty; pass --resume to continue the search "
+    elif storage.list_files(out):
+        raise DataError(f"--out {out_dir} is not empty; pass --resume to continue the search "
                         "there, or choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(out if storage.is_local(out) else tempfile.mkdtemp(prefix="clfsys-tune-"))
+    staging.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     dataset = data_mod.load(cfg.data)
     print(f"data: {dataset.summary()}", file=sys.stderr)
     init_ray()
+    check_storage_reaches_every_node(cfg, path)
     resources = {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu}
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), dataset=dataset,
@@ -246,9 +266,12 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # TensorBoard logs and other files of each trial reach the storage too.
+                sync_config=tune.SyncConfig(sync_artifacts=True), verbose=1),
         )
     grid = tuner.fit()
     from clfsys.results import write_outputs
 
-    return write_outputs(grid, cfg, dataset, out, wall_s=time.perf_counter() - started)
+    return write_outputs(grid, cfg, dataset, out, staging,
+                         wall_s=time.perf_counter() - started)

@@ -4,8 +4,9 @@ Requests are batched adaptively with `@serve.batch`; each batch is padded to the
 size so the model always sees one shape. Bodies are read with a size limit, decoded with the
 one decode path, and every bad input is answered with a 4xx and JSON `{"error": ...}`.
 
-`clfsys serve` runs it until Ctrl-C; `app_builder` is the import path for `serve run` /
-`serve deploy` (see jobs/serve.yaml).
+`clfsys serve` runs it until Ctrl-C or SIGTERM, then deletes only its own application;
+`app_builder` is the import path for `serve run` / `serve deploy` (see jobs/serve.yaml). The bundle
+reaches replicas on any node as a `bundle.Portable`: its URI, or the files of a local bundle.
 """
 
 
@@ -13,6 +14,8 @@ import asyncio
 import hashlib
 import hmac
 import os
+import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +40,8 @@ class ServeOptions:
     min_replicas: int | None = None
     max_replicas: int | None = None
     target_ongoing_requests: float = 16.0
+    max_replicas_per_node: int | None = None
+    """Spread replicas: at most this many on one node."""
     max_batch_size: int = 32
     batch_wait_ms: float = 5.0
     num_gpus: float = 0.0
@@ -44,13 +49,24 @@ class ServeOptions:
     top_k: int = 3
     request_timeout_s: float = 30.0
     auth_token_env: str | None = None
+    name: str = APP_NAME
+    """The Serve application's name; other names are routed under /<name>."""
+
+    @property
+    def route_prefix(self) -> str:
+        return "/" if self.name == APP_NAME else f"/{self.name}"
 
     def check(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name):
+            raise ClfsysError(f"--name must be letters, digits, '_', '.' or '-', got "
+                              f"{self.name!r}")
         rules = [("--port", 0 < self.port < 65536), ("--replicas", self.replicas >= 1),
                  ("--max-batch-size", self.max_batch_size >= 1),
                  ("--batch-wait-ms", self.batch_wait_ms >= 0),
                  ("--num-gpus", self.num_gpus >= 0), ("--max-body-mb", self.max_body_mb > 0),
-                 ("--top-k", self.top_k >= 1)]
+                 ("--top-k", self.top_k >= 1),
+                 ("--max-replicas-per-node", self.max_replicas_per_node is None
+                  or self.max_replicas_per_node >= 1)]
         if self.min_replicas is not None or self.max_replicas is not None:
             rules.append(("--min-replicas", self.min_replicas is not None
                           and self.min_replicas >= 0))
@@ -167,10 +183,13 @@ def _make_deployment(options: ServeOptions, token_sha256: str | None):
                       health_check_period_s=2, health_check_timeout_s=10)
     @serve.ingress(api)
     class Classifier:
-        def __init__(self, bundle_path: str):
+        def __init__(self, source):
+            import ray
+
             from clfsys.predict import Predictor
 
-            self.predictor = Predictor(bundle_path, top_k=options.top_k)
+            self.predictor = Predictor(source.open(), top_k=options.top_k)
+            self.node_id = ray.get_runtime_context().get_node_id()
             self.shape = self.predictor.bundle.input_shape
             self.max_batch = options.max_batch_size
             self._predict.set_max_batch_size(options.max_batch_size)
@@ -228,32 +247,34 @@ def _make_deployment(options: ServeOptions, token_sha256: str | None):
 
         @api.get("/healthz", summary="200 once the model is loaded and warmed up")
         async def healthz(self) -> dict[str, str]:
-            return {"status": "ok", "model_id": self.predictor.model_id}
+            return {"status": "ok", "model_id": self.predictor.model_id, "node_id": self.node_id}
 
     return Classifier
 
 
-def build_app(bundle_path: str | Path, options: ServeOptions | None = None,
+def build_app(model: str | Path, options: ServeOptions | None = None,
               token: str | None = None):
-    """The Serve application for a bundle (not started)."""
-    from clfsys.bundle import load
+    """The Serve application for a bundle at a local path or URI (not started)."""
+    from clfsys import bundle
 
     options = options or ServeOptions()
     options.check()
-    bundle_dir = str(Path(bundle_path).resolve())
-    load(bundle_dir).load_model()  # fail fast, in the caller, on a bad bundle
+    found = bundle.load(model)
+    found.load_model()  # fail fast, in the caller, on a bad bundle
     deployment = _make_deployment(options, token_digest(token) if token else None)
     config: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 1, "num_gpus": options.num_gpus},
         "max_ongoing_requests": max(64, 4 * options.max_batch_size),
     }
+    if options.max_replicas_per_node:
+        config["max_replicas_per_node"] = options.max_replicas_per_node
     if options.min_replicas is not None or options.max_replicas is not None:
         config["autoscaling_config"] = {
             "min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
             "target_ongoing_requests": options.target_ongoing_requests}
     else:
         config["num_replicas"] = options.replicas
-    return deployment.options(**config).bind(bundle_dir)
+    return deployment.options(**config).bind(bundle.portable(found))
 
 
 def app_builder(args: dict[str, Any]):
@@ -265,39 +286,53 @@ def app_builder(args: dict[str, Any]):
     args = dict(args)
     model = args.pop("model", None)
     if not model:
-        raise ClfsysError("app_builder needs args.model: the bundle directory")
+        raise ClfsysError("app_builder needs args.model: the bundle's URI or directory")
     fields = ServeOptions.__dataclass_fields__
     unknown = sorted(set(args) - set(fields))
     if unknown:
         raise ClfsysError(f"unknown serve option {unknown[0]!r} (known: {', '.join(fields)})")
     # `serve run ... key=value` passes strings; config files pass typed YAML values.
-    options = ServeOptions(**{k: yaml.safe_load(v) if isinstance(v, str) and k != "host"
-                              and k != "auth_token_env" else v for k, v in args.items()})
+    options = ServeOptions(**{k: yaml.safe_load(v) if isinstance(v, str) and k not in (
+        "host", "auth_token_env", "name") else v for k, v in args.items()})
     return build_app(model, options, token=read_auth_token(options.auth_token_env))
 
 
-def run_server(bundle_path: str, options: ServeOptions) -> dict[str, Any]:
-    """`clfsys serve`: start Serve on host:port and block until Ctrl-C."""
+def run_server(model: str, options: ServeOptions) -> dict[str, Any]:
+    """`clfsys serve`: deploy the application and block until Ctrl-C or SIGTERM; then delete
+    this application only (other applications on the cluster keep running)."""
     from ray import serve
 
     from clfsys.cluster import init_ray
 
     token = read_auth_token(options.auth_token_env)
-    app = build_app(bundle_path, options, token=token)
+    app = build_app(model, options, token=token)
     init_ray()
     started = time.monotonic()
-    url = f"http://{options.host}:{options.port}"
+    url = f"http://{options.host}:{options.port}{options.route_prefix.rstrip('/')}"
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)  # systemd, Kubernetes, docker stop
+    deployed = False
     try:
         serve.start(http_options={"host": options.host, "port": options.port,
                                   "request_timeout_s": options.request_timeout_s})
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        print(f"serving {bundle_path} at {url} (POST /predict, docs at {url}/docs; "
-              f"auth {'on' if token else 'off'}); Ctrl-C to stop", file=sys.stderr, flush=True)
+        serve.run(app, name=options.name, route_prefix=options.route_prefix)
+        deployed = True
+        print(f"serving {model} as application {options.name!r} at {url} (POST "
+              f"{url}/predict, docs at {url}/docs; auth {'on' if token else 'off'}); Ctrl-C to "
+              "stop", file=sys.stderr, flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        print("shutting down: finishing in-flight requests", file=sys.stderr, flush=True)
+        print(f"shutting down application {options.name!r}: finishing in-flight requests",
+              file=sys.stderr, flush=True)
     finally:
-        serve.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the drain
+        try:
+            serve.delete(options.name)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return {"served_s": round(time.monotonic() - started, 1), "url": url,
-            "options": asdict(options)}
+            "application": options.name, "deployed": deployed, "options": asdict(options)}

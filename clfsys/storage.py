@@ -17,6 +17,7 @@ import fnmatch
 import functools
 import os
 import posixpath
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,7 +157,7 @@ def list_files(location: str | Path, recursive: bool = True) -> list[str]:
     text = normalize(location)
     if not is_uri(text):  # os.walk also lists links whose target is gone: they fail to read
         found = []
-        for root, dirs, names in os.walk(text):
+        for root, _dirs, names in os.walk(text):
             found += [os.path.join(root, n) for n in names]
             if not recursive:
                 break
@@ -196,8 +197,9 @@ def expand(pattern: str) -> list[str]:
     if any(c in text for c in GLOB_CHARS):
         cut = min(text.index(c) for c in GLOB_CHARS if c in text)
         base = text[:cut].rsplit("/", 1)[0]
+        matches = _glob_regex(text).fullmatch
         found = [f for f in list_files(base)
-                 if any(fnmatch.fnmatch(p, text) for p in _self_and_parents(f, base))]
+                 if any(matches(p) for p in _self_and_parents(f, base))]
         if not found:
             raise StorageError(f"no files match {pattern}", not_found=True)
         return found
@@ -207,6 +209,24 @@ def expand(pattern: str) -> list[str]:
     if kind == pafs.FileType.Directory:
         return list_files(text)
     raise StorageError(f"not found: {pattern}", not_found=True)
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """Shell glob semantics: `*` and `?` stay within one path component, `**` crosses them."""
+    parts = re.split(r"(\*\*/?|\*|\?|\[[^]]*\])", pattern)
+    regex = []
+    for part in parts:
+        if part.startswith("**"):
+            regex.append("(?:.*/)?" if part.endswith("/") else ".*")
+        elif part == "*":
+            regex.append("[^/]*")
+        elif part == "?":
+            regex.append("[^/]")
+        elif part.startswith("[") and part.endswith("]") and len(part) > 2:
+            regex.append(fnmatch.translate(part)[4:-3])
+        else:
+            regex.append(re.escape(part))
+    return re.compile("".join(regex))
 
 
 def _self_and_parents(file: str, base: str) -> list[str]:

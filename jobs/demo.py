@@ -1,6 +1,10 @@
 """`make demo`: the main job end to end on the real Fashion-MNIST, through the real CLI.
 
-Each step is printed as the command a user would type.
+Each step is printed as the command a user would type. With `--cluster` (`make demo-cluster`)
+it runs on a local two-node Ray cluster whose worker node cannot see this machine's files, with
+a local S3 server (SeaweedFS) as the only shared storage: the search checkpoints to S3, the best
+bundle, the images to label and the labels live there, and the endpoint's replicas (one per
+node) read the bundle from it. Both are torn down at the end.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ)
+"""The environment of every command: RAY_ADDRESS and the AWS variables with --cluster."""
 
 
 def run(*args: str) -> dict:
     command = [sys.executable, "-m", "clfsys.cli", *args]
     print(f"\n$ clfsys {shlex.join(args)}", flush=True)
-    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=ENV)
     if done.returncode != 0:
         sys.exit(f"demo step failed (exit {done.returncode}): clfsys {shlex.join(args)}")
     line = done.stdout.strip().splitlines()[-1]
@@ -38,14 +44,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_and_ask(bundle: Path, folder: Path, count: int) -> list[dict]:
+def serve_and_ask(bundle: str, folder: Path, count: int, *extra: str) -> list[dict]:
     """Start `clfsys serve`, send it a few exported PNGs over HTTP, print, stop with Ctrl-C."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = ["serve", "--model", str(bundle), "--port", str(port)]
+    args = ["serve", "--model", bundle, "--port", str(port), *extra]
     print(f"\n$ clfsys {shlex.join(args)}", flush=True)
     server = subprocess.Popen([sys.executable, "-m", "clfsys.cli", *args], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, start_new_session=True, env=ENV)
     answers = []
     try:
         deadline = time.monotonic() + 180
@@ -67,6 +73,12 @@ def serve_and_ask(bundle: Path, folder: Path, count: int) -> list[dict]:
             answers.append(answer)
             print(f"POST /predict {path.relative_to(folder)} -> {answer['label']} "
                   f"({answer['confidence']:.0%})", flush=True)
+        nodes = set()
+        for _ in range(20):
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
+                nodes.add(json.loads(response.read())["node_id"][:8])
+        print(f"GET /healthz x20: answered by replicas on node(s) {', '.join(sorted(nodes))}",
+              flush=True)
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -84,35 +96,81 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=12000, help="training images used")
     parser.add_argument("--label-images", type=int, default=2000,
                         help="test images exported as PNGs and labelled")
+    parser.add_argument("--cluster", action="store_true",
+                        help="on a local two-node cluster with a local S3 server")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
-    search = out / "search"
-    searched = run("tune", "--config", "jobs/fashion_mnist.yaml",
-                   "--set", f"data.limit={args.limit}", "--set", f"tune.num_samples={args.samples}",
-                   "--set", f"tune.max_epochs={args.epochs}", "--set", "tune.grace_period=1",
-                   "--out", str(search))
-    bundle = search / "best"
-    tested = run("evaluate", "--model", str(bundle))
+    out.mkdir(parents=True)
+    if not args.cluster:
+        demo(args, out, place=str)
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    from infra import LocalCluster, S3Server, can_isolate_nodes
+
+    from clfsys.bundle import cache_root
+
+    why_not = can_isolate_nodes()
+    if why_not:
+        sys.exit(f"demo-cluster: {why_not}")
+    s3 = S3Server(out / "s3")
+    cluster = None
+    try:
+        print("starting a local S3 server (SeaweedFS) and a two-node Ray cluster whose worker "
+              f"cannot see {out} ...", flush=True)
+        s3.start()
+        cluster = LocalCluster([out, cache_root()], head_cpus=2, worker_cpus=2,
+                               env=s3.env).start()
+        ENV.update(cluster.client_env)
+        print(f"S3 endpoint {s3.endpoint}, bucket {s3.bucket}; Ray at {cluster.address} with "
+              f"{len(cluster.nodes())} nodes", flush=True)
+        demo(args, out, place=lambda local: s3.uri("demo", Path(local).relative_to(out)
+                                                   .as_posix()), cluster=True)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        s3.stop()
+        print("cluster and S3 server stopped", flush=True)
+
+
+def demo(args, out: Path, place, cluster: bool = False) -> None:
+    """The demo's steps; `place(local path)` says where shared things live (S3 on a cluster)."""
+    search = place(out / "search")
+    tune_args = ["tune", "--config", "jobs/fashion_mnist.yaml",
+                 "--set", f"data.limit={args.limit}", "--set", f"tune.num_samples={args.samples}",
+                 "--set", f"tune.max_epochs={args.epochs}", "--set", "tune.grace_period=1"]
+    if cluster:
+        tune_args += ["--set", f"tune.storage_path={place(out / 'ray')}"]
+    searched = run(*tune_args, "--out", search)
+    bundle = searched["bundle"]
+    tested = run("evaluate", "--model", bundle)
     exported = out / "images"
     run("export-images", "--dataset", "fashion_mnist", "--split", "test", "--out",
         str(exported), "--limit", str(args.label_images))
-    labels = out / "labels"
-    labelled = run("label", "--model", str(bundle), "--input", str(exported), "--output",
-                   str(labels))
-    answers = serve_and_ask(bundle, exported, count=5)
+    inputs = str(exported)
+    if cluster:
+        from clfsys import storage
+
+        inputs = place(exported)
+        print(f"\n(uploading the PNGs to {inputs})", flush=True)
+        storage.copy_tree(exported, inputs)
+    labels = place(out / "labels")
+    labelled = run("label", "--model", bundle, "--input", inputs, "--output", labels)
+    extra = ["--replicas", "2", "--max-replicas-per-node", "1"] if cluster else []
+    answers = serve_and_ask(bundle, exported, 5, *extra)
     print("\n== demo done ==")
     print(f"search:          {searched['trials']} trials, {searched['epochs_total']} epochs, "
-          f"{searched['wall_s']:.0f} s; table in {search / 'trials.csv'}")
-    print(f"report:          {search / 'report' / 'index.html'}")
+          f"{searched['wall_s']:.0f} s; table in {search}/trials.csv")
+    print(f"report:          {search}/report/index.html")
     print(f"best model:      {bundle}  (trial {searched['best_trial']}, "
           f"model_id {searched['model_id']})")
     print(f"test accuracy:   {tested['accuracy']:.4f} on {tested['examples']} test images")
-    print(f"plots:           {bundle / 'plots'}/{{learning_curves,confusion_matrix,samples}}.png")
-    print(f"TensorBoard:     tensorboard --logdir {search / 'ray' / 'search'}")
+    print(f"plots:           {bundle}/plots/{{learning_curves,confusion_matrix,samples}}.png")
+    logs = place(out / "ray") if cluster else f"{search}/ray"
+    print(f"TensorBoard:     tensorboard --logdir {logs}/search")
     print(f"labels:          {labelled['labelled']} of {labelled['files']} exported test PNGs "
           f"labelled into {labels} ({labelled['files_per_s']:.0f} files/s, "
-          f"{labelled['needs_review']} need review)")
+          f"{labelled['needs_review']} need review); report {labels}/_report.html")
     print(f"endpoint:        answered {len(answers)} HTTP requests, then shut down cleanly")
 
 

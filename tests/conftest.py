@@ -76,6 +76,20 @@ def folder_config(path: Path, **overrides):
                               for k, v in sets.items()])
 
 
+def job_config(tmp_path: Path, tune: str) -> Path:
+    """A search job on a small generated folder; `tune` is the YAML of its tune section."""
+    folder = write_folder(tmp_path / "images", per_class=30, size=16)
+    path = tmp_path / "job.yaml"
+    path.write_text(f"""
+data: {{dataset: folder, path: {folder}, image_size: [16, 16], val_fraction: 0.2}}
+model: {{arch: cnn, filters: [8], dense: 16}}
+train: {{batch_size: 8, lr: 0.01, optimizer: sgd, patience: 10}}
+tune:
+{tune}
+""")
+    return path
+
+
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory) -> Path:
     """One real training run on a generated folder, published as a bundle (shared, read-only)."""
@@ -103,3 +117,25 @@ def needs_fashion_mnist():
         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
     return pytest.mark.skipif(not have, reason=f"Fashion-MNIST not in {KERAS_FMNIST} "
                               "(make test seeds it from ../shared)")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1, with the standard AWS variables pointing at it
+    for this process and its children."""
+    from infra import S3Server
+
+    from clfsys import storage
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    storage._filesystem.cache_clear()
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    storage._filesystem.cache_clear()

@@ -92,7 +92,10 @@ class S3Server:
         command = [str(BIN / "weed"), "server", f"-dir={data}", "-ip=127.0.0.1",
                    "-ip.bind=127.0.0.1", "-s3", f"-s3.port={p['s3']}", f"-s3.config={ids}",
                    f"-master.port={p['master']}", f"-volume.port={p['volume']}",
-                   f"-filer.port={p['filer']}", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
+                   f"-filer.port={p['filer']}", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+                   # fixed default ports (8181, 9101) would clash between servers and with
+                   # Serve's HAProxy metrics port; no telemetry off this machine
+                   "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
         with open(self.root / "weed.log", "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log,
                                             start_new_session=True)

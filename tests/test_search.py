@@ -65,6 +65,8 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
     diverged = table[table["param.train.lr"] > 1]
     assert len(diverged) >= 1 and (diverged["status"] == "ERROR").all()
     assert diverged["error"].str.contains("loss is").all()
+    assert (diverged["failure"] == "training").all() and table.loc[
+        table["status"] != "ERROR", "failure"].isna().all()
     sane = table[table["param.train.lr"] < 1]
     assert len(sane) >= 2 and (sane["status"] == "TERMINATED").all()
     assert (sane["epochs_run"] <= 4).all()
@@ -188,3 +190,22 @@ def test_bad_space_fails_before_ray_starts(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
         run_search(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_failures_are_told_apart_training_from_infrastructure():
+    import ray.exceptions as rex
+
+    from clfsys.results import failure_kind
+    from clfsys.storage import StorageError
+
+    def raised_in_a_trial(exc):
+        return rex.RayTaskError("_trial", "Traceback ...", exc).as_instanceof_cause()
+
+    assert failure_kind(raised_in_a_trial(FloatingPointError("loss is nan"))) == "training"
+    assert failure_kind(raised_in_a_trial(ValueError("bad shape"))) == "training"
+    assert failure_kind(rex.ActorDiedError()) == "infrastructure"
+    assert failure_kind(rex.NodeDiedError("node lost")) == "infrastructure"
+    assert failure_kind(raised_in_a_trial(OSError("s3: connection refused"))) == \
+        "infrastructure"
+    assert failure_kind(raised_in_a_trial(StorageError("s3://b/k: timeout"))) == \
+        "infrastructure"

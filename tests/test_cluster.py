@@ -1,0 +1,430 @@
+"""clfsys on a real two-node Ray cluster whose worker node cannot see the head's files, with a
+real S3 server (SeaweedFS) as the only storage both nodes share.
+
+The worker node declares two logical GPUs (GPU placement without a GPU). Its raylet runs in its
+own mount namespace with an empty tmpfs over this session's pytest
+directory and over the bundle cache, so anything only the head's disk holds is invisible to it,
+as on a real cluster. Every command runs as a user would run it: `clfsys ...` on the head with
+RAY_ADDRESS set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT
+from infra import LocalCluster, can_isolate_nodes
+from PIL import Image
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(can_isolate_nodes() is not None,
+                                 reason=f"no isolated worker nodes: {can_isolate_nodes()}")]
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, tmp_path_factory):
+    from clfsys.bundle import cache_root
+
+    hidden = [tmp_path_factory.getbasetemp(), cache_root()]
+    # Serve's proxy prefers replicas on its own node; off, so requests reach every replica.
+    env = {**s3.env, "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+    nodes = LocalCluster(hidden, head_cpus=2, worker_cpus=2, worker_gpus=2, env=env).start()
+    yield nodes
+    nodes.stop()
+
+
+def clfsys(cluster: LocalCluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clfsys.cli", *args], cwd=ROOT,
+                          env=cluster.client_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def result_line(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_pngs(root: Path, count: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
+        files.append(root / f"{i:05d}.png")
+        files[-1].write_bytes(buffer.getvalue())
+    return files
+
+
+def output_paths(output: str) -> list[str]:
+    from clfsys import label
+
+    return label.read_output(output, ["path"]).column("path").to_pylist()
+
+
+PROBE = """
+import json, os, sys, ray
+ray.init()
+@ray.remote(num_cpus=0)
+def look(path):
+    return ray.get_runtime_context().get_node_id(), os.path.exists(path)
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+print(json.dumps(dict(ray.get([look.options(label_selector={"ray.io/node-id": n}).remote(
+    sys.argv[1]) for n in nodes]))))
+"""
+
+
+def test_the_worker_node_cannot_see_the_heads_files(cluster, tmp_path):
+    (tmp_path / "here.txt").write_text("head only")
+    done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "here.txt")],
+                          env=cluster.client_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    head = cluster.head_node_id()
+    assert len(seen) == 2 and seen == {node: node == head for node in seen}
+
+
+def test_label_head_local_inputs_is_complete(cluster, trained_bundle, tmp_path):
+    files = write_pngs(tmp_path / "in", 600)
+    out = tmp_path / "labels"
+    done = clfsys(cluster, "label", "--model", str(trained_bundle), "--input",
+                  str(tmp_path / "in"), "--output", str(out), "--batch-size", "32",
+                  "--actors", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = result_line(done)
+    assert (summary["labelled"], summary["unread"], summary["missing"]) == (600, 0, 0)
+    paths = output_paths(str(out))
+    assert sorted(paths) == sorted(map(str, files))
+    assert "decoding on this node" in done.stderr
+
+    # Declared shared when they are not: the worker node's decode tasks cannot read them. The
+    # run says so and exits 1; nothing becomes an error row.
+    lied = clfsys(cluster, "label", "--model", str(trained_bundle), "--input",
+                  str(tmp_path / "in"), "--output", str(tmp_path / "lied"), "--batch-size",
+                  "32", "--shared-inputs")
+    assert lied.returncode == 1, lied.stderr[-3000:]
+    summary = result_line(lied)
+    assert summary["unread"] > 0 and summary["errors"] == {} and \
+        summary["labelled"] + summary["unread"] == 600
+    assert "no such file" in lied.stderr
+
+
+def test_label_s3_inputs_into_s3_output_every_file_once(cluster, s3, trained_bundle, tmp_path):
+    from clfsys import storage
+
+    files = write_pngs(tmp_path / "in", 800, seed=1)
+    storage.copy_tree(tmp_path / "in", s3.uri("inputs", "a"))
+    storage.copy_tree(trained_bundle, s3.uri("bundles", "small"))
+    out = s3.uri("labels", "a")
+    done = clfsys(cluster, "label", "--model", s3.uri("bundles", "small"), "--input",
+                  s3.uri("inputs", "a"), "--output", out, "--batch-size", "32", "--actors", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = output_paths(out)
+    assert sorted(paths) == sorted(s3.uri("inputs", "a", f.name) for f in files)
+    assert json.loads(storage.read_text(storage.join(out, "_summary.json")))["labelled"] == 800
+    assert storage.is_file(storage.join(out, "_report.html"))
+
+
+def wait_for_rows(output: str, timeout_s: float = 300) -> None:
+    from clfsys import label
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if label.output_files(output):
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no output appeared in {output}")
+
+
+def test_a_killed_s3_labelling_run_resumes_every_file_once(cluster, s3, trained_bundle,
+                                                          tmp_path):
+    from clfsys import storage
+
+    files = write_pngs(tmp_path / "in", 3000, seed=2)
+    storage.copy_tree(tmp_path / "in", s3.uri("inputs", "b"))
+    out = s3.uri("labels", "b")
+    args = [sys.executable, "-m", "clfsys.cli", "label", "--model", str(trained_bundle),
+            "--input", s3.uri("inputs", "b"), "--output", out, "--batch-size", "16"]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(args, cwd=ROOT, env=cluster.client_env, stdout=log,
+                                 stderr=log, start_new_session=True)
+        wait_for_rows(out)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    partial = output_paths(out)
+    assert 0 < len(partial) < 3000, (tmp_path / "first.log").read_text()[-2000:]
+    done = clfsys(cluster, *args[3:], "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = output_paths(out)
+    assert len(paths) == len(set(paths)) == 3000
+    assert set(paths) == {s3.uri("inputs", "b", f.name) for f in files}
+    assert f"{len(partial)} already labelled" in done.stderr
+
+
+def test_storage_failure_mid_run_exits_non_zero_and_resume_completes(cluster, s3,
+                                                                     trained_bundle, tmp_path):
+    from clfsys import storage
+
+    write_pngs(tmp_path / "in", 2000, seed=3)
+    storage.copy_tree(tmp_path / "in", s3.uri("inputs", "c"))
+    out = tmp_path / "labels"
+    args = ["label", "--model", str(trained_bundle), "--input", s3.uri("inputs", "c"),
+            "--output", str(out), "--batch-size", "64"]
+    first = subprocess.Popen([sys.executable, "-m", "clfsys.cli", *args], cwd=ROOT,
+                             env=cluster.client_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = []
+    try:
+        for line in first.stderr:  # the files are listed: the S3 server goes away now
+            log.append(line)
+            if "to label" in line:
+                s3.stop()
+                break
+        log += first.stderr.readlines()
+        first.wait(timeout=600)
+        text = "".join(log)
+        assert first.returncode == 1, text[-3000:]
+        summary = json.loads(first.stdout.read().strip().splitlines()[-1])
+        assert summary["unread"] > 0 and summary["missing"] == summary["unread"]
+        assert summary["errors"] == {}  # a failure to read is never an error row
+        assert f"{summary['unread']} files could not be read" in text
+        unread = json.loads((out / "_unread.json").read_text())
+        assert len(unread) == summary["unread"]
+        assert all(path.startswith(s3.uri("inputs", "c")) for path in unread)
+    finally:
+        if s3.process is None:
+            s3.start()
+    done = clfsys(cluster, *args, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == len({r["path"] for r in rows}) == 2000
+    assert all(r["error"] is None for r in rows)
+    assert not (out / "_unread.json").exists()
+
+
+SEARCH = '''
+import sys
+from ray import tune
+import keras
+from clfsys.config import load_config
+from clfsys.search import run_search
+
+
+class FailOnce(keras.callbacks.Callback):
+    """Fails each trial once, after its second epoch's checkpoint, unless it was restored."""
+
+    def on_train_begin(self, logs=None):
+        self.restored = tune.get_checkpoint() is not None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1 and not self.restored:
+            raise RuntimeError("injected failure after epoch 2")
+
+
+cfg = load_config(sys.argv[1])
+print(run_search(cfg, sys.argv[2], resume="--resume" in sys.argv, callbacks=[FailOnce()]))
+'''
+
+
+def search_config(tmp_path: Path, storage_path: str) -> Path:
+    from conftest import job_config
+
+    return job_config(tmp_path, f"""
+  num_samples: 4
+  max_concurrent_trials: 2
+  scheduler: none
+  max_epochs: 3
+  max_failures: 1
+  resources: {{cpu: 2}}
+  storage_path: {storage_path}
+  space: {{train.lr: {{choice: [0.005, 0.01, 0.02, 0.03]}}}}
+""")
+
+
+def trial_epochs(experiment: str) -> dict[str, list[int]]:
+    from clfsys import storage
+
+    found = {}
+    for file in storage.list_files(experiment):
+        if file.endswith("/result.json"):
+            lines = storage.read_text(file).splitlines()
+            found[file.rsplit("/", 2)[1]] = [json.loads(x)["epoch"] for x in lines if x.strip()]
+    return found
+
+
+def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(cluster, tmp_path):
+    config = search_config(tmp_path, str(tmp_path / "ray"))
+    done = clfsys(cluster, "tune", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "tune.storage_path" in done.stderr and "s3://" in done.stderr
+    assert not (tmp_path / "ray").exists()  # refused before any trial started
+
+
+def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_path):
+    from clfsys import storage
+
+    experiment = s3.uri("tune", "search")
+    config = search_config(tmp_path, s3.uri("tune"))
+    script = tmp_path / "search.py"
+    script.write_text(SEARCH)
+    out = s3.uri("tune-out")
+    command = [sys.executable, str(script), str(config), out]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=ROOT, env=cluster.client_env, stdout=log,
+                                 stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and first.poll() is None:
+            try:
+                if any(3 in epochs for epochs in trial_epochs(experiment).values()):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    first_log = (tmp_path / "first.log").read_text()
+    assert any(3 in e for e in trial_epochs(experiment).values()), first_log[-3000:]
+    assert not storage.exists(storage.join(out, "trials.csv"))
+
+    done = subprocess.run(command + ["--resume"], cwd=ROOT, env=cluster.client_env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    import pandas as pd
+
+    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "trials.csv"))))
+    assert len(table) == 4 and (table["status"] == "TERMINATED").all(), table.to_string()
+    assert set(table["node_id"]) == {n["node_id"] for n in cluster.nodes()}
+    for trial, epochs in trial_epochs(experiment).items():  # retried from its checkpoint
+        assert sorted(set(epochs)) == [1, 2, 3], (trial, epochs)
+    log = first_log + done.stderr
+    assert log.count("injected failure after epoch 2") >= 1
+    assert "resuming from checkpoint at epoch 2" in log
+    assert storage.is_file(storage.join(out, "best", "model.keras"))
+    assert any("/logs/" in f and "events.out.tfevents" in f
+               for f in storage.list_files(experiment))  # TensorBoard logs reached S3
+    result = done.stdout.strip().splitlines()[-1]
+    assert "'bundle': 's3://clfsys/tune-out/best'" in result
+
+
+def healthz_nodes(url: str, expected: set[str], timeout_s: float = 120) -> set[str]:
+    """The nodes whose replicas answered /healthz, polled until all of `expected` did (the
+    second replica may still be warming up when the first answers)."""
+    import requests
+
+    nodes: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while nodes != expected and time.monotonic() < deadline:
+        nodes.add(requests.get(f"{url}/healthz", timeout=10).json()["node_id"])
+    return nodes
+
+
+def start_server(cluster: LocalCluster, log: Path, *args: str) -> subprocess.Popen:
+    with open(log, "w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "clfsys.cli", "serve", *args],
+                                cwd=ROOT, env=cluster.client_env, stdout=subprocess.PIPE,
+                                stderr=handle, text=True, start_new_session=True)
+
+
+def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError(log.read_text()[-3000:])
+
+
+def test_serve_a_bundle_on_s3_with_a_replica_on_each_node(cluster, s3, trained_bundle,
+                                                          tmp_path):
+    import requests
+    from conftest import free_port
+
+    from clfsys import storage
+
+    storage.copy_tree(trained_bundle, s3.uri("bundles", "served"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    main = start_server(cluster, tmp_path / "main.log", "--model", s3.uri("bundles", "served"),
+                        "--port", str(port), "--replicas", "2", "--max-replicas-per-node", "1")
+    other = None
+    try:
+        wait_healthy(url, main, tmp_path / "main.log")
+        every_node = {n["node_id"] for n in cluster.nodes()}
+        assert healthz_nodes(url, every_node) == every_node
+        image = io.BytesIO()
+        Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(image, "PNG")
+        answer = requests.post(f"{url}/predict", data=image.getvalue(),
+                               headers={"Content-Type": "image/png"}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["label"] in ("left", "right", "top")
+
+        # A second model on the same cluster, under /other; stopping it leaves the first one.
+        other = start_server(cluster, tmp_path / "other.log", "--model", str(trained_bundle),
+                             "--port", str(port), "--name", "other")
+        wait_healthy(f"{url}/other", other, tmp_path / "other.log")
+        other.send_signal(signal.SIGTERM)
+        stdout, _ = other.communicate(timeout=120)
+        assert other.returncode == 0, (tmp_path / "other.log").read_text()[-3000:]
+        assert json.loads(stdout.strip().splitlines()[-1])["application"] == "other"
+        assert requests.get(f"{url}/other/healthz", timeout=10).status_code == 404
+        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+    finally:
+        for server in (main, other):
+            if server is not None and server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+                server.communicate(timeout=120)
+    assert main.returncode == 0, (tmp_path / "main.log").read_text()[-3000:]
+
+
+def test_a_submitted_gpu_search_runs_its_trials_on_the_gpu_node(cluster, s3, tmp_path):
+    import pandas as pd
+
+    from clfsys import storage
+
+    config = search_config(tmp_path, s3.uri("gpu-tune"))
+    text = config.read_text().replace("resources: {cpu: 2}", "resources: {cpu: 1, gpu: 1}")
+    config.write_text(text.replace("num_samples: 4", "num_samples: 2").replace(
+        "max_epochs: 3", "max_epochs: 2"))
+    url = f"http://127.0.0.1:{cluster.dashboard}"
+    ray = str(Path(sys.executable).parent / "ray")
+    stranger = {**cluster.env, "HOME": str(tmp_path)}  # no token anywhere
+    del stranger["RAY_AUTH_TOKEN"]
+    refused = subprocess.run([ray, "job", "submit", "--address", url, "--", "echo", "hi"],
+                             env=stranger, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+
+    out = s3.uri("gpu-out")
+    submit = [ray, "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
+              "python", "jobs/tune.py", "--config", str(config), "--out", out]
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent can take a while to come up on a loaded machine
+        done = subprocess.run(submit, env=cluster.env, capture_output=True, text=True,
+                              timeout=600)
+        if "No available agent" not in done.stderr + done.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "trials.csv"))),
+                        dtype={"cuda_visible_devices": str})
+    gpu_nodes = [n["node_id"] for n in cluster.nodes() if n["resources_total"].get("GPU")]
+    assert len(table) == 2 and (table["status"] == "TERMINATED").all()
+    assert len(gpu_nodes) == 1 and (table["node_id"] == gpu_nodes[0]).all()
+    assert set(table["cuda_visible_devices"]) <= {"0", "1"}
+    assert storage.is_file(storage.join(out, "best", "metadata.json"))
