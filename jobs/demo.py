@@ -119,8 +119,11 @@ def main() -> None:
         print("starting a local S3 server (SeaweedFS) and a two-node Ray cluster whose worker "
               f"cannot see {out} ...", flush=True)
         s3.start()
-        cluster = LocalCluster([out, cache_root()], head_cpus=2, worker_cpus=2,
-                               env=s3.env).start()
+        os.environ.update(s3.env)  # this process uploads the images to label
+        # Serve's proxy prefers replicas on its own node; off here, so that the requests of
+        # the demo reach the replicas on both nodes.
+        cluster = LocalCluster([out, cache_root()], head_cpus=2, worker_cpus=2, env={
+            **s3.env, "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}).start()
         ENV.update(cluster.client_env)
         print(f"S3 endpoint {s3.endpoint}, bucket {s3.bucket}; Ray at {cluster.address} with "
               f"{len(cluster.nodes())} nodes", flush=True)
@@ -130,7 +133,8 @@ def main() -> None:
         if cluster is not None:
             cluster.stop()
         s3.stop()
-        print("cluster and S3 server stopped", flush=True)
+        print(f"cluster and S3 server stopped (the bucket's data stays in {out / 's3'})",
+              flush=True)
 
 
 def demo(args, out: Path, place, cluster: bool = False) -> None:
