@@ -58,10 +58,10 @@ def normalize(location: str | Path) -> str:
 
 
 def _split(location: str) -> tuple[str, str, str]:
-    """URI -> (root 'scheme://authority/?query', path inside the filesystem, query)."""
+    """URI -> ('scheme://authority', the path after it, '?query' or '')."""
     parts = urlsplit(location)
     query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{parts.netloc}/{query}", parts.path.lstrip("/"), query
+    return f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/"), query
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,9 +81,9 @@ def resolve(location: str | Path):
     text = normalize(location)
     if not is_uri(text):
         return pafs.LocalFileSystem(), text
-    root, path, _ = _split(text)
+    authority, path, query = _split(text)
     try:
-        fs, base = _filesystem(root)
+        fs, base = _filesystem(f"{authority}/{query}")
     except (OSError, ValueError) as exc:
         raise StorageError(f"{text}: cannot open storage: {_first_line(exc)}") from None
     return fs, f"{base}/{path}".strip("/") if base else path
@@ -94,10 +94,9 @@ def join(location: str | Path, *parts: str) -> str:
     text = normalize(location)
     if not is_uri(text):
         return os.path.join(text, *parts)
-    root, path, query = _split(text)
-    scheme_authority = root[: -len(query) - 1] if query else root[:-1]
+    authority, path, query = _split(text)
     joined = posixpath.join(path, *parts) if path else posixpath.join(*parts)
-    return f"{scheme_authority}/{joined}{query}"
+    return f"{authority}/{joined}{query}"
 
 
 def name(location: str | Path) -> str:
@@ -143,11 +142,9 @@ def _to_location(location: str, fs_path: str) -> str:
     """A path inside `location`'s filesystem back to a location string."""
     if not is_uri(location):
         return fs_path
-    root, _, query = _split(location)
-    fs_root = resolve(root[: -len(query)] if query else root)[1]
-    relative = fs_path[len(fs_root):].lstrip("/") if fs_root else fs_path
-    scheme_authority = root[: -len(query) - 1] if query else root[:-1]
-    return f"{scheme_authority}/{relative}{query}"
+    authority, _, query = _split(location)
+    fs_root = _filesystem(f"{authority}/{query}")[1]
+    return f"{authority}/{fs_path[len(fs_root):].lstrip('/')}{query}"
 
 
 def list_files(location: str | Path, recursive: bool = True) -> list[str]:
