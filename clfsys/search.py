@@ -205,18 +205,27 @@ def experiment_path(cfg: Config, out: str) -> str:
 
 def check_storage_reaches_every_node(cfg: Config, path: str) -> None:
     """Refuse, before any trial starts, a search whose trials could not all reach its storage:
-    a local path on a cluster of several nodes, unless declared shared."""
+    a local path when trials run on other nodes than this one (the cluster has several, or
+    this node cannot host a trial, so an autoscaler will add others), unless declared shared."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if storage.is_uri(path) or cfg.tune.storage_shared or len(nodes) <= 1:
+    if storage.is_uri(path) or cfg.tune.storage_shared:
         return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    own = next((n.get("Resources", {}) for n in nodes if n["NodeID"] == here), {})
+    need = {"CPU": cfg.tune.resources.cpu, "GPU": cfg.tune.resources.gpu}
+    short = [k for k, v in need.items() if v and own.get(k, 0) < v]
+    if len(nodes) <= 1 and not short:
+        return
+    why = (f"the cluster has {len(nodes)} nodes" if len(nodes) > 1 else
+           f"this node has too little {' and '.join(short)} for a trial, so trials run on "
+           "other nodes")
     where = "tune.storage_path" + ("" if cfg.tune.storage_path else " (default <out>/ray)")
     raise ConfigError(
-        f"{where} is {path.rsplit('/', 1)[0]}, a local path, but the cluster has {len(nodes)} "
-        "nodes: trials on the others could not checkpoint or resume there; set "
-        "tune.storage_path=s3://BUCKET/PREFIX (or gs://...), or tune.storage_shared=true if "
-        "that path is a mount every node shares (NFS)")
+        f"{where} is {path.rsplit('/', 1)[0]}, a local path, but {why}: they could not "
+        "checkpoint or resume there; set tune.storage_path=s3://BUCKET/PREFIX (or gs://...), "
+        "or tune.storage_shared=true if that path is a mount every node shares (NFS)")
 
 
 def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,

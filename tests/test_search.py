@@ -209,3 +209,16 @@ def test_failures_are_told_apart_training_from_infrastructure():
         "infrastructure"
     assert failure_kind(raised_in_a_trial(StorageError("s3://b/k: timeout"))) == \
         "infrastructure"
+
+
+def test_local_storage_is_refused_when_trials_must_run_on_other_nodes(tmp_path):
+    """This node has no GPU, so GPU trials would run on nodes an autoscaler adds: a local
+    storage path cannot serve them, and the search is refused before any trial starts."""
+    from clfsys.errors import ConfigError
+
+    folder = write_folder(tmp_path / "images", per_class=6)
+    cfg = folder_config(folder, **{"tune.resources.gpu": 1, "tune.num_samples": 1})
+    with pytest.raises(ConfigError, match=r"tune.storage_path \(default <out>/ray\) is .*a "
+                                          r"local path, but this node has too little GPU"):
+        run_search(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "ray" / "search").exists()
