@@ -45,8 +45,9 @@ READ_ATTEMPTS = 3
 GIVE_UP_AFTER = 2
 PROBE_EVERY_S = 10.0
 """After GIVE_UP_AFTER files in a row failed every attempt in one worker process (storage is
-down), the process tries one file, once, every PROBE_EVERY_S seconds and reports the others
-unread without waiting out their timeouts; the first file read again ends that."""
+down; files not found do not count), the process tries one file, once, every PROBE_EVERY_S
+seconds and reports the others unread without waiting out their timeouts; the first file read
+again ends that."""
 _read_failures = {"in_a_row": 0, "last": "", "probed_at": 0.0}
 SUMMARY_FILE = "_summary.json"
 UNREAD_FILE = "_unread.json"
@@ -91,8 +92,9 @@ def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int], color_mode
                                     attempts=1 if failing else READ_ATTEMPTS)
         except storage.StorageError as exc:
             read_errors[i] = str(exc)
-            _read_failures["in_a_row"] += 1
-            _read_failures["last"] = _reason(str(exc))
+            if not exc.not_found:  # a missing file says nothing about the storage
+                _read_failures["in_a_row"] += 1
+                _read_failures["last"] = _reason(str(exc))
             continue
         _read_failures["in_a_row"] = 0
         try:

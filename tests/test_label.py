@@ -164,6 +164,17 @@ def test_a_file_that_cannot_be_read_is_no_row_and_the_run_is_incomplete(fmnist_b
     assert not (out / label.UNREAD_FILE).exists()
 
 
+def test_missing_files_do_not_stop_the_reading_of_others(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(png(np.full((28, 28), 200, dtype=np.uint8)))
+    paths = [str(tmp_path / f"gone_{i}.png") for i in range(4)] + [str(good)]
+    out = label.decode_batch({"path": np.array(paths, dtype=object)}, (28, 28), "grayscale",
+                             label.images.DEFAULT_MAX_PIXELS)
+    assert [e is None for e in out["read_error"]] == [False] * 4 + [True]
+    assert all("no such file" in e for e in out["read_error"][:4])
+    assert out["error"][4] is None and out["image"][4].mean() == 200
+
+
 def test_resume_refuses_an_output_of_another_model(fmnist_bundle, trained_bundle, tmp_path):
     root = tmp_path / "in"
     root.mkdir()
