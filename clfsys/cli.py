@@ -35,23 +35,18 @@ def _check_out_dir(out: str, force: bool) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    import tempfile
-
     from clfsys import storage
     from clfsys.config import load_config
     from clfsys.train import publish, train
 
     cfg = load_config(args.config, args.overrides)
     out = _check_out_dir(args.out, args.force)
-    staging = out if storage.is_local(out) else tempfile.mkdtemp(prefix="clfsys-train-")
+    staging = storage.staging_dir(out)
     result = train(cfg, work_dir=staging)
     print(f"data: {result.dataset.summary()}", file=sys.stderr)
     summary = publish(result, staging)
-    if staging != out:  # a URI: the bundle, its logs and checkpoints go there
-        storage.copy_tree(staging, out)
-        summary["bundle"] = out
-        print(f"copied to {out}", file=sys.stderr)
-    return summary
+    storage.publish(staging, out)  # a URI: the bundle, its logs and checkpoints go there
+    return {**summary, "bundle": out}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def _read_csv(path: str, class_names: list[str] | None) -> tuple[np.ndarray, np.
 
     import pandas as pd
 
-    file = path
+    file = path  # named in every message below
     try:
         raw = storage.read_bytes(path)
     except storage.StorageError as exc:

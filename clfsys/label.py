@@ -299,10 +299,8 @@ def _label(todo: list[str], found: bundle.Bundle, options: LabelOptions, out: st
         for table in _pipeline(todo, found, options).iter_batches(batch_size=None,
                                                                    batch_format="pyarrow"):
             failed = table.column("read_error").is_valid()
-            for path, reason in zip(table.filter(failed).column("path").to_pylist(),
-                                    table.filter(failed).column("read_error").to_pylist(),
-                                    strict=True):
-                unread[path] = reason
+            for row in table.filter(failed).select(["path", "read_error"]).to_pylist():
+                unread[row["path"]] = row["read_error"]
             writer.write(table.filter(pc.invert(failed)).select(columns))
             seen += table.num_rows
             if time.monotonic() - last_report > 10:
@@ -378,9 +376,11 @@ def _finish(out: str, paths: list[str], wall_s: float, processed: int, unread: d
     except storage.StorageError as exc:
         result = {"output": out, "files": len(paths), "unread": len(unread),
                   "wall_s": round(wall_s, 1), "ok": False}
-        raise IncompleteError(f"{failure or exc}; cannot read the output back ({exc}); run "
-                              "again with --resume when storage is back", result) from None
-    summary = summarize(table, paths)
+        raise IncompleteError(f"{failure + '; ' if failure else ''}cannot read the output back "
+                              f"({exc}); run again with --resume when storage is back",
+                              result) from None
+    rows = table.to_pandas()
+    summary = summarize(rows, paths)
     summary.update({"output": out, "model_id": found.model_id, "unread": len(unread),
                     "files_per_s": round(rate, 1), "wall_s": round(wall_s, 1)})
     problems = []
@@ -400,7 +400,7 @@ def _finish(out: str, paths: list[str], wall_s: float, processed: int, unread: d
           f"{summary['errors'] or 'none'}; needs review: {summary['needs_review']}; unread: "
           f"{len(unread)}; {processed} files in {wall_s:.1f} s ({rate:.0f} files/s); "
           f"output: {out}", file=sys.stderr)
-    _write_reports(out, summary, unread, table, found)
+    _write_reports(out, summary, unread, rows, found)
     if problems:
         raise IncompleteError("; ".join(problems) + f"; unread files are listed in "
                               f"{storage.join(out, UNREAD_FILE)}; `--resume` labels exactly "
@@ -413,10 +413,9 @@ def _reason(message: str) -> str:
     return message.split(": ", 1)[-1][:120]
 
 
-def summarize(table, paths: list[str]) -> dict[str, Any]:
-    """Counts of the output rows (read back from storage) that belong to `paths`."""
-    frame = table.to_pandas()
-    frame = frame[frame["path"].isin(set(paths))]
+def summarize(rows, paths: list[str]) -> dict[str, Any]:
+    """Counts of the output rows (a DataFrame read back from storage) that belong to `paths`."""
+    frame = rows[rows["path"].isin(set(paths))]
     errors = Counter(str(e).split(":")[0] for e in frame["error"].dropna())
     labelled = frame[frame["error"].isna()]
     return {"files": len(paths), "rows": int(len(frame)), "labelled": int(len(labelled)),
@@ -428,7 +427,7 @@ def summarize(table, paths: list[str]) -> dict[str, Any]:
                           labelled["label"].value_counts().sort_index().items()}}
 
 
-def _write_reports(out: str, summary: dict[str, Any], unread: dict[str, str], table,
+def _write_reports(out: str, summary: dict[str, Any], unread: dict[str, str], rows,
                    found: bundle.Bundle) -> None:
     """_summary.json, _unread.json and _report.html next to the Parquet files."""
     from clfsys import report
@@ -439,7 +438,7 @@ def _write_reports(out: str, summary: dict[str, Any], unread: dict[str, str], ta
             storage.write_text(storage.join(out, UNREAD_FILE), json.dumps(unread, indent=1))
         else:
             storage.delete(storage.join(out, UNREAD_FILE))
-        page = report.label_report(summary, table.to_pandas(), _thumbnail, found.class_names)
+        page = report.label_report(summary, rows, _thumbnail, found.class_names)
         storage.write_text(storage.join(out, REPORT_FILE), page)
         print(f"report: {storage.join(out, REPORT_FILE)}", file=sys.stderr)
     except storage.StorageError as exc:

@@ -168,7 +168,7 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
     lost = int((table["failure"] == INFRASTRUCTURE).sum())
     finished = [r for r in rows if r["status"] != "ERROR" and r["best_val_accuracy"] is not None]
     if not finished:
-        _publish(out, location)
+        storage.publish(out, location)
         raise IncompleteError(
             f"no trial finished successfully ({errored} errored: {lost} for infrastructure "
             f"reasons, {errored - lost} in training); see {storage.join(location, 'trials.csv')}",
@@ -208,7 +208,7 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
         score = "-" if row["best_val_accuracy"] is None else f"{row['best_val_accuracy']:.4f}"
         print(f"  {rank}. {row['trial_id']} val_acc={score} epochs={row['epochs_run']} "
               f"({row['stopped_by']}) {params}", file=sys.stderr)
-    _publish(out, location)
+    storage.publish(out, location)
     print(f"best model: {storage.join(location, 'best')}; report: "
           f"{storage.join(location, 'report', 'index.html')}", file=sys.stderr)
     return {
@@ -218,12 +218,6 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
         "infrastructure_failures": lost,
         "epochs_total": epochs_total, "wall_s": round(wall_s, 1),
     }
-
-
-def _publish(staging: Path, location: str) -> None:
-    """Copy the staged outputs to a URI `location` (a local one was written in place)."""
-    if storage.is_uri(location):
-        storage.copy_tree(staging, location)
 
 
 def experiment_dir(by_id: dict[str, Any]) -> str:

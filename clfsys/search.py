@@ -249,7 +249,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     elif storage.list_files(out):
         raise DataError(f"--out {out_dir} is not empty; pass --resume to continue the search "
                         "there, or choose a new directory")
-    staging = Path(out if storage.is_local(out) else tempfile.mkdtemp(prefix="clfsys-tune-"))
+    staging = Path(storage.staging_dir(out))
     staging.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     dataset = data_mod.load(cfg.data)

@@ -18,6 +18,8 @@ import functools
 import os
 import posixpath
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,30 +114,30 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _info(location: str):
+def _info(location: str | Path):
     fs, path = resolve(location)
     try:
         return fs.get_file_info(path)
     except OSError as exc:
-        raise StorageError(f"{location}: {_first_line(exc)}") from None
+        raise StorageError(f"{normalize(location)}: {_first_line(exc)}") from None
 
 
 def exists(location: str | Path) -> bool:
     import pyarrow.fs as pafs
 
-    return _info(normalize(location)).type != pafs.FileType.NotFound
+    return _info(location).type != pafs.FileType.NotFound
 
 
 def is_dir(location: str | Path) -> bool:
     import pyarrow.fs as pafs
 
-    return _info(normalize(location)).type == pafs.FileType.Directory
+    return _info(location).type == pafs.FileType.Directory
 
 
 def is_file(location: str | Path) -> bool:
     import pyarrow.fs as pafs
 
-    return _info(normalize(location)).type == pafs.FileType.File
+    return _info(location).type == pafs.FileType.File
 
 
 def _to_location(location: str, fs_path: str) -> str:
@@ -266,8 +268,10 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     fs, path = resolve(text)
     try:
         if not is_uri(text):
-            os.makedirs(os.path.dirname(text), exist_ok=True)
-            partial = f"{text}.partial-{os.getpid()}"
+            folder, base = os.path.split(text)
+            os.makedirs(folder, exist_ok=True)
+            # a dot name: dataset readers skip it if a killed writer leaves it behind
+            partial = os.path.join(folder, f".{base}.partial-{os.getpid()}")
             with open(partial, "wb") as handle:
                 handle.write(data)
             os.replace(partial, text)
@@ -322,16 +326,29 @@ def copy_tree(source: str | Path, destination: str | Path) -> None:
         raise StorageError(f"cannot copy {src} to {dst}: {_first_line(exc)}") from None
 
 
-def retrying(action: Callable[[], T], *, attempts: int = 4, first_wait_s: float = 0.25,
-             retry_if: Callable[[StorageError], bool] = lambda exc: True) -> T:
+def retrying(action: Callable[[], T], *, attempts: int = 4, first_wait_s: float = 0.25) -> T:
     """Run `action`, retrying a StorageError with exponential backoff (0.25, 0.5, 1 s, ...)."""
     wait = first_wait_s
     for attempt in range(1, attempts + 1):
         try:
             return action()
-        except StorageError as exc:
-            if attempt == attempts or not retry_if(exc):
+        except StorageError:
+            if attempt == attempts:
                 raise
             time.sleep(wait)
             wait *= 2
     raise AssertionError("unreachable")
+
+
+def staging_dir(location: str) -> str:
+    """Where to write outputs bound for `location`: the folder itself when it is local, else
+    a local temporary folder that `publish` copies there."""
+    return location if is_local(location) else tempfile.mkdtemp(prefix="clfsys-staging-")
+
+
+def publish(staging: str | Path, location: str) -> None:
+    """Copy a `staging_dir` to its URI `location` and remove it (a local one was written in
+    place)."""
+    if normalize(staging) != normalize(location):
+        copy_tree(staging, location)
+        shutil.rmtree(staging, ignore_errors=True)
