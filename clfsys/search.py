@@ -119,10 +119,18 @@ def _trial(sample: dict[str, Any], base: dict, dataset, callbacks: Sequence[Any]
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = json.loads((Path(folder) / "state.json").read_text())
-            model = keras.saving.load_model(Path(folder) / "model.keras")  # with optimizer
-            shutil.copy(Path(folder) / "best.keras", scratch / "best.keras")
-        print(f"resuming from checkpoint at epoch {state['epoch']}", file=sys.stderr)
+            missing = [f for f in ("state.json", "model.keras", "best.keras")
+                       if not (Path(folder) / f).is_file()]
+            if missing:
+                # A driver killed while Tune deleted an old checkpoint on object storage can
+                # leave one half gone; the trial's progress is lost, not the trial.
+                print(f"checkpoint {checkpoint.path} is incomplete (no {', '.join(missing)}): "
+                      "starting this trial again from epoch 0", file=sys.stderr)
+            else:
+                state = json.loads((Path(folder) / "state.json").read_text())
+                model = keras.saving.load_model(Path(folder) / "model.keras")  # + optimizer
+                shutil.copy(Path(folder) / "best.keras", scratch / "best.keras")
+                print(f"resuming from checkpoint at epoch {state['epoch']}", file=sys.stderr)
     if state["epoch"] >= cfg.train.epochs:
         return
     reporter = _reporter_class()(state, scratch)
