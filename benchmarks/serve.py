@@ -1,24 +1,31 @@
 """Endpoint load benchmark (`make bench-serve`).
 
 An async HTTP load generator (aiohttp, closed loop: each of C workers sends its next request
-when the last one is answered) runs at concurrency 1, 8, 32 and 64 for a fixed duration each
-against, in the same run:
-  - the batched Ray Serve deployment (`clfsys serve`, max batch 32),
-  - the same deployment with batching off (max batch size 1),
-  - a plain single-process FastAPI/uvicorn app calling model.predict once per request, as the
-    tutorials do.
-It reports requests/s, p50/p95/p99 latency and errors, on exported Fashion-MNIST test PNGs.
+when the last one is answered) runs at concurrency 1, 8, 32 and 64 for a fixed duration each,
+on exported Fashion-MNIST test PNGs, against, in the same run:
+
+- ceilings: a no-op Serve app (constant JSON for the same request body) behind Serve's Python
+  proxy and behind its HAProxy ingress, and a plain uvicorn no-op app without Ray;
+- peers: a plain FastAPI/uvicorn app that calls the model directly (`model(x)`) once per
+  request, and the unbatched deployment (max batch size 1);
+- clfsys: batched `/predict` under both ingresses, decoding on the event loop instead of in
+  threads, and the Open Inference Protocol (V2) and TF Serving routes behind HAProxy.
+
+It prints requests/s, p50/p95/p99 latency and errors per level, then the targets at
+concurrency 32.
 """
 
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,10 +34,29 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (1, 8, 32, 64)
+NOOP = {"label": "T-shirt/top", "label_index": 0, "confidence": 1.0, "top_k": [],
+        "model_id": "noop"}
 
 
-def plain_app(bundle_dir: str, port: int) -> None:
-    """The tutorials' way: one process, model.predict on each request's single image."""
+def noop_api():
+    from fastapi import FastAPI, Request
+
+    api = FastAPI()
+
+    @api.post("/predict")
+    async def predict(request: Request):
+        await request.body()
+        return NOOP
+
+    @api.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    return api
+
+
+def direct_app(bundle_dir: str, port: int) -> None:
+    """A single process calling the model directly, once per request."""
     import uvicorn
     from fastapi import FastAPI, Request
 
@@ -44,10 +70,10 @@ def plain_app(bundle_dir: str, port: int) -> None:
     @api.post("/predict")
     async def predict(request: Request):
         image = decode(await request.body(), found.image_size, found.color_mode)
-        probs = model.predict(image[None], verbose=0)[0]
+        probs = np.asarray(model(image[None], training=False))[0]
         index = int(probs.argmax())
         return {"label": found.class_names[index], "label_index": index,
-                "confidence": float(probs[index])}
+                "confidence": float(probs[index]), "model_id": found.model_id}
 
     @api.get("/healthz")
     async def healthz():
@@ -56,7 +82,44 @@ def plain_app(bundle_dir: str, port: int) -> None:
     uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning")
 
 
-async def load_level(url: str, blobs: list[bytes], concurrency: int, seconds: float) -> dict:
+def noop_uvicorn(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(noop_api(), host="127.0.0.1", port=port, log_level="warning")
+
+
+def noop_serve(port: int, front: str) -> None:
+    """The no-op app as a Serve deployment on a local Ray instance behind `front`."""
+    import ray
+    from ray import serve
+
+    from clfsys import ingress
+
+    run_dir = Path(tempfile.mkdtemp(prefix="clfsys-serve-bench-"))
+    ingress.configure_local(front, "127.0.0.1", run_dir)
+    ray.init(include_dashboard=False)
+    deployment = serve.deployment(max_ongoing_requests=256)(serve.ingress(noop_api())(
+        type("Noop", (), {})))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(deployment.bind(), name="noop", route_prefix="/")
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        ingress.stop_haproxy(run_dir)
+
+
+async def load_level(url: str, bodies: list[tuple[bytes, dict]], concurrency: int,
+                     seconds: float) -> dict:
     import aiohttp
 
     latencies: list[float] = []
@@ -67,10 +130,10 @@ async def load_level(url: str, blobs: list[bytes], concurrency: int, seconds: fl
         nonlocal errors
         i = offset
         while time.perf_counter() < stop_at:
+            body, headers = bodies[i % len(bodies)]
             started = time.perf_counter()
             try:
-                async with session.post(url, data=blobs[i % len(blobs)],
-                                        headers={"Content-Type": "image/png"}) as response:
+                async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
                     if response.status != 200:
                         errors += 1
@@ -102,12 +165,12 @@ def start(command: list[str], url: str, log: Path) -> subprocess.Popen:
 
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=open(log, "w"), start_new_session=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
                 if response.status == 200:
-                    time.sleep(2)  # let the "listening" side settle
+                    time.sleep(3)  # let HAProxy's reloads and the replicas settle
                     return proc
         except OSError:
             if proc.poll() is not None:
@@ -117,20 +180,39 @@ def start(command: list[str], url: str, log: Path) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def request_bodies(blobs: list[bytes]) -> dict[str, list[tuple[bytes, dict]]]:
+    """The same images as each protocol's request."""
+    png = {"Content-Type": "image/png"}
+    as_json = {"Content-Type": "application/json"}
+    b64 = [base64.b64encode(b).decode() for b in blobs]
+    return {
+        "own": [(b, png) for b in blobs],
+        "v2": [(json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                         "data": [x]}]}).encode(), as_json) for x in b64],
+        "tf": [(json.dumps({"instances": [{"b64": x}]}).encode(), as_json) for x in b64],
+    }
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "plain":
-        plain_app(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("direct", "noop-uvicorn", "noop-serve"):
+        mode, rest = sys.argv[1], sys.argv[2:]
+        if mode == "direct":
+            direct_app(rest[0], int(rest[1]))
+        elif mode == "noop-uvicorn":
+            noop_uvicorn(int(rest[0]))
+        else:
+            noop_serve(int(rest[0]), rest[1])
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", default="runs/bench/serve")
-    parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
     parser.add_argument("--model", help="bundle (default: the seed CNN, trained for 1 epoch)")
     args = parser.parse_args()
     work = Path(args.work)
@@ -146,44 +228,66 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "clfsys.cli", "export-images", "--split", "test",
                         "--limit", "500", "--out", str(images)], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
-    blobs = [p.read_bytes() for p in sorted(images.rglob("*.png"))]
+    bodies = request_bodies([p.read_bytes() for p in sorted(images.rglob("*.png"))])
+    me = [sys.executable, "benchmarks/serve.py"]
+    clfsys = [sys.executable, "-m", "clfsys.cli", "serve", "--model", bundle_dir]
+    # name: (command without the port, path, protocol)
     variants = {
-        "batched (max batch 32)": ["serve", "--max-batch-size", "32"],
-        "unbatched (max batch 1)": ["serve", "--max-batch-size", "1"],
-        "plain FastAPI, predict per request": None,
+        "ceiling: no-op Serve, Serve proxy": (me + ["noop-serve", "{port}", "proxy"],
+                                              "/predict", "own"),
+        "ceiling: no-op Serve, HAProxy": (me + ["noop-serve", "{port}", "haproxy"],
+                                          "/predict", "own"),
+        "ceiling: no-op uvicorn, no Ray": (me + ["noop-uvicorn", "{port}"], "/predict", "own"),
+        "peer: FastAPI, model(x) per request": (me + ["direct", bundle_dir, "{port}"],
+                                                "/predict", "own"),
+        "peer: unbatched deployment, HAProxy": (clfsys + ["--max-batch-size", "1"],
+                                                "/predict", "own"),
+        "clfsys /predict, Serve proxy": (clfsys + ["--ingress", "proxy"], "/predict", "own"),
+        "clfsys /predict, HAProxy": (clfsys + ["--ingress", "haproxy"], "/predict", "own"),
+        "clfsys /predict, HAProxy, decode on loop": (
+            clfsys + ["--ingress", "haproxy", "--decode-threads", "0"], "/predict", "own"),
+        "clfsys V2 infer, HAProxy": (clfsys + ["--ingress", "haproxy"],
+                                     "/v2/models/clfsys/infer", "v2"),
+        "clfsys TF Serving predict, HAProxy": (clfsys + ["--ingress", "haproxy"],
+                                               "/v1/models/clfsys:predict", "tf"),
     }
     results: dict[str, dict[int, dict]] = {}
-    for name, serve_args in variants.items():
+    for name, (command, path, protocol) in variants.items():
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        if serve_args:
-            command = [sys.executable, "-m", "clfsys.cli", *serve_args, "--model", bundle_dir,
-                       "--port", str(port)]
-        else:
-            command = [sys.executable, "benchmarks/serve.py", "plain", bundle_dir, str(port)]
+        if command[:len(clfsys)] == clfsys:
+            command = command + ["--port", str(port), "--metrics-port", str(free_port())]
+        command = [c.replace("{port}", str(port)) for c in command]
         proc = start(command, url, work / f"server_{port}.log")
         try:
-            asyncio.run(load_level(f"{url}/predict", blobs, 8, 3))  # warm-up, not reported
-            results[name] = {c: asyncio.run(load_level(f"{url}/predict", blobs, c,
+            asyncio.run(load_level(url + path, bodies[protocol], 8, 3))  # warm-up
+            results[name] = {c: asyncio.run(load_level(url + path, bodies[protocol], c,
                                                        args.seconds)) for c in LEVELS}
         finally:
             stop(proc)
-        print(f"measured {name}", file=sys.stderr, flush=True)
-    print(f"\n## Endpoint load: {args.seconds:.0f} s per level, {len(blobs)} Fashion-MNIST PNGs, "
-          "2-core machine (load generator on the same cores)")
-    print("| variant                            | conc | req/s  | p50 ms | p95 ms | p99 ms | "
-          "errors |")
-    print("|------------------------------------|------|--------|--------|--------|--------|"
-          "--------|")
+        print(f"measured {name}: {results[name][32]['rps']:.0f} req/s at 32", file=sys.stderr,
+              flush=True)
+    print(f"\n## Endpoint load: {args.seconds:.0f} s per level, {len(bodies['own'])} "
+          "Fashion-MNIST PNGs, 2-core machine (load generator on the same cores)")
+    print(f"| {'variant':<42} | conc | req/s  | p50 ms | p95 ms | p99 ms | errors |")
+    print(f"|{'-' * 44}|------|--------|--------|--------|--------|--------|")
     for name, levels in results.items():
         for c, r in levels.items():
-            print(f"| {name:<34} | {c:>4} | {r['rps']:>6.0f} | {r['p50']:>6.1f} | "
+            print(f"| {name:<42} | {c:>4} | {r['rps']:>6.0f} | {r['p50']:>6.1f} | "
                   f"{r['p95']:>6.1f} | {r['p99']:>6.1f} | {r['errors']:>6} |")
-    batched, unbatched, plain = (results[n][32] for n in variants)
-    print(f"at concurrency 32: batched {batched['rps'] / plain['rps']:.1f}x the plain app "
-          f"(target >= 3x), {batched['rps'] / unbatched['rps']:.1f}x unbatched (target >= "
-          f"1.5x), p99 {batched['p99']:.0f} ms (target <= 250), errors {batched['errors']} "
-          "(target 0)")
+    at = {name: levels[32] for name, levels in results.items()}
+    ours = at["clfsys /predict, HAProxy"]
+    ceiling = at["ceiling: no-op Serve, HAProxy"]
+    direct = at["peer: FastAPI, model(x) per request"]
+    errors = sum(r["errors"] for levels in results.values() for r in levels.values())
+    print(f"\nAt concurrency 32, clfsys /predict behind HAProxy: {ours['rps']:.0f} req/s = "
+          f"{ours['rps'] / ceiling['rps']:.2f}x the HAProxy no-op ceiling (target >= 0.7x), "
+          f"p99 {ours['p99']:.0f} ms (target <= 50), {ours['rps'] / direct['rps']:.1f}x the "
+          f"direct-call app (target >= 3x); errors in the whole run: {errors} (target 0)")
+    for route in ("clfsys V2 infer, HAProxy", "clfsys TF Serving predict, HAProxy",
+                  "clfsys /predict, Serve proxy", "clfsys /predict, HAProxy, decode on loop"):
+        print(f"  {route}: {at[route]['rps']:.0f} req/s = {at[route]['rps'] / ours['rps']:.2f}x "
+              f"/predict behind HAProxy, p99 {at[route]['p99']:.0f} ms")
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -107,15 +107,22 @@ def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import fields
+
     from clfsys.serve import ServeOptions, run_server
 
-    options = ServeOptions(
-        host=args.host, port=args.port, replicas=args.replicas, min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms, num_gpus=args.num_gpus, max_body_mb=args.max_body_mb,
-        auth_token_env=args.auth_token_env, name=args.name,
-        max_replicas_per_node=args.max_replicas_per_node)
+    options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
     return run_server(args.model, options)
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServeOptions field, its default and help taken from the dataclass."""
+    from clfsys.serve import option_fields
+
+    for flag, f in option_fields():
+        kind = f.metadata["type"] or type(f.default)
+        parser.add_argument(flag, type=kind, default=f.default, metavar=flag[2:].upper(),
+                            help=f"{f.metadata['help']} (default: {f.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,24 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label only the files not yet in --output")
     p.set_defaults(func=cmd_label)
 
-    p = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve (until Ctrl-C)")
+    p = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve (until Ctrl-C); "
+                       "on a cluster where --name serves, swap its model")
     p.add_argument("--model", required=True, help="bundle directory or URI")
-    p.add_argument("--name", default="clfsys",
-                   help="Serve application name; names other than the default are served "
-                        "under /<name>/ (several models on one cluster)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
-    p.add_argument("--min-replicas", type=int, help="autoscaling lower bound")
-    p.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
-    p.add_argument("--max-replicas-per-node", type=int,
-                   help="spread replicas over nodes: at most this many on one node")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
-    p.add_argument("--max-body-mb", type=float, default=10.0)
-    p.add_argument("--auth-token-env", metavar="VAR",
-                   help="require 'Authorization: Bearer <token>', the token read from $VAR")
+    _serve_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-images", help="write a dataset split as class folders of PNGs")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 
-def init_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance."""
+def init_ray(metrics_export_port: int | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray instance (whose metrics
+    agent serves Prometheus text on `metrics_export_port`, if given)."""
     import ray
 
     if ray.is_initialized():
@@ -14,4 +15,5 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 _metrics_export_port=metrics_export_port)

@@ -130,13 +130,11 @@ class LabelActor:
         top_k: list[Any] = [None] * n
         review: list[Any] = [None] * n
         if ok.any():
-            result = self.predictor.predict(batch["image"][ok])
-            for j, row in enumerate(np.flatnonzero(ok)):
-                label[row] = str(result["label"][j])
-                index[row] = int(result["label_index"][j])
-                confidence[row] = float(result["confidence"][j])
+            for row, record in zip(np.flatnonzero(ok), self.predictor.rows(batch["image"][ok]),
+                                   strict=True):
+                label[row], index[row] = record["label"], record["label_index"]
+                confidence[row], top_k[row] = record["confidence"], record["top_k"]
                 review[row] = confidence[row] < self.min_confidence
-                top_k[row] = self.predictor.top_k_records(result, j)
         return pa.Table.from_pydict({
             "path": [str(p) for p in batch["path"]], "label": label, "label_index": index,
             "confidence": confidence, "top_k": top_k, "needs_review": review, "error": errors,

@@ -68,7 +68,8 @@ class Predictor:
         return np.concatenate(out)
 
     def predict(self, batch: np.ndarray) -> dict[str, Any]:
-        """Labels for a batch: label_index, label, confidence, top_k_index, top_k_score."""
+        """Labels for a batch: label_index, label, confidence, top_k_index, top_k_score and
+        the class probabilities."""
         probs = self.probabilities(batch)
         order = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
         scores = np.take_along_axis(probs, order, axis=1)
@@ -79,10 +80,19 @@ class Predictor:
             "confidence": scores[:, 0].astype(np.float64) if len(scores) else np.zeros(0),
             "top_k_index": order.astype(np.int64),
             "top_k_score": scores.astype(np.float64),
+            "probabilities": probs,
         }
 
-    def top_k_records(self, result: dict[str, Any], row: int) -> list[dict[str, Any]]:
-        """Row `row` of `predict()`'s top-k as [{label, score}, ...]."""
-        return [{"label": self.class_names[int(i)], "score": float(s)}
-                for i, s in zip(result["top_k_index"][row], result["top_k_score"][row],
-                                strict=True)]
+    def rows(self, batch: np.ndarray, count: int | None = None) -> list[dict[str, Any]]:
+        """One prediction record per image (the first `count` only: the rest is padding), the
+        shape that labelling writes and the endpoint returns: label, label_index, confidence,
+        top_k [{label, score}] and probabilities."""
+        result = self.predict(batch)
+        return [{"label": str(result["label"][i]),
+                 "label_index": int(result["label_index"][i]),
+                 "confidence": float(result["confidence"][i]),
+                 "top_k": [{"label": self.class_names[int(k)], "score": float(score)}
+                           for k, score in zip(result["top_k_index"][i],
+                                               result["top_k_score"][i], strict=True)],
+                 "probabilities": result["probabilities"][i].tolist()}
+                for i in range(len(result["label_index"]) if count is None else count)]

@@ -1,56 +1,74 @@
-"""Online endpoint: a Ray Serve deployment with a FastAPI ingress around the Predictor.
+"""Online endpoint: a Ray Serve deployment (`ModelServer`) whose HTTP routes come from
+clfsys.http_api, in front of Serve's HAProxy ingress or its Python proxy (clfsys.ingress).
 
-Requests are batched adaptively with `@serve.batch`; each batch is padded to the maximum batch
-size so the model always sees one shape. Bodies are read with a size limit, decoded with the
-one decode path, and every bad input is answered with a 4xx and JSON `{"error": ...}`.
+Each replica hosts one Predictor. Requests are batched adaptively with `@serve.batch`, and each
+batch is padded to the maximum batch size so the model always sees one shape. Images are decoded
+in a thread pool, off the replica's event loop. Metrics go to Ray's metrics agent, which every
+node exposes in Prometheus text format (`ray_clfsys_*`).
 
-`clfsys serve` runs it until Ctrl-C or SIGTERM, then deletes only its own application;
-`app_builder` is the import path for `serve run` / `serve deploy` (see jobs/serve.yaml). The bundle
-reaches replicas on any node as a `bundle.Portable`: its URI, or the files of a local bundle.
+`clfsys serve` deploys one named application and runs until Ctrl-C or SIGTERM; then it drains,
+deletes only its own application and stops what it started (a local Ray instance, HAProxy).
+Run against a cluster (RAY_ADDRESS) where the name is already serving, it rolls the new bundle
+out in place of the old one and exits. `app_builder` is the import path for `serve run` /
+`serve deploy` (see jobs/serve.yaml). The bundle reaches replicas on any node as a
+`bundle.Portable`: its URI, or the files of a local bundle.
 """
 
 
 import asyncio
-import hashlib
-import hmac
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from clfsys.errors import ClfsysError
+from clfsys.errors import ClfsysError, IncompleteError
 
 APP_NAME = "clfsys"
-IMAGE_ERROR_STATUS = {"empty file": 400, "not an image": 422, "truncated": 422,
-                      "too many pixels": 422}
+DEPLOYMENT = "Classifier"
+
+
+def _opt(default: Any, help: str, type: type | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "type": type})
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    replicas: int = 1
-    min_replicas: int | None = None
-    max_replicas: int | None = None
-    target_ongoing_requests: float = 16.0
-    max_replicas_per_node: int | None = None
-    """Spread replicas: at most this many on one node."""
-    max_batch_size: int = 32
-    batch_wait_ms: float = 5.0
-    num_gpus: float = 0.0
-    max_body_mb: float = 10.0
-    top_k: int = 3
-    request_timeout_s: float = 30.0
-    auth_token_env: str | None = None
-    name: str = APP_NAME
-    """The Serve application's name; other names are routed under /<name>."""
+    """Every `clfsys serve` flag (--max-batch-size is max_batch_size) with its default."""
+
+    name: str = _opt(APP_NAME, "the model's name: the Serve application; names other than the "
+                     "default are served under /<name>/ (several models on one cluster)")
+    host: str = _opt("127.0.0.1", "address to bind")
+    port: int = _opt(8000, "HTTP port")
+    ingress: str = _opt("auto", "auto (HAProxy where there is a binary, else Serve's proxy), "
+                        "haproxy or proxy; for the local Ray instance this command starts")
+    metrics_port: int = _opt(8080, "Prometheus metrics of the local Ray instance this command "
+                             "starts, at http://HOST:PORT/metrics")
+    replicas: int = _opt(1, "fixed number of replicas")
+    min_replicas: int | None = _opt(None, "autoscaling lower bound", int)
+    max_replicas: int | None = _opt(None, "autoscaling upper bound", int)
+    target_ongoing_requests: float = _opt(16.0, "autoscaling target per replica")
+    max_replicas_per_node: int | None = _opt(None, "spread replicas: at most this many on one "
+                                             "node", int)
+    max_batch_size: int = _opt(32, "largest batch a replica runs")
+    batch_wait_ms: float = _opt(5.0, "how long a batch waits to fill")
+    decode_threads: int = _opt(2, "threads per replica decoding images off the event loop "
+                               "(0: decode on the event loop)")
+    num_gpus: float = _opt(0.0, "GPUs per replica")
+    max_body_mb: float = _opt(10.0, "largest request body")
+    top_k: int = _opt(3, "classes in each answer's top_k")
+    request_timeout_s: float = _opt(30.0, "end-to-end timeout of a request")
+    auth_token_env: str | None = _opt(None, "require 'Authorization: Bearer <token>', the token "
+                                      "read from this environment variable", str)
 
     @property
     def route_prefix(self) -> str:
@@ -61,10 +79,13 @@ class ServeOptions:
             raise ClfsysError(f"--name must be letters, digits, '_', '.' or '-', got "
                               f"{self.name!r}")
         rules = [("--port", 0 < self.port < 65536), ("--replicas", self.replicas >= 1),
+                 ("--metrics-port", 0 < self.metrics_port < 65536),
+                 ("--ingress", self.ingress in ("auto", "haproxy", "proxy")),
                  ("--max-batch-size", self.max_batch_size >= 1),
                  ("--batch-wait-ms", self.batch_wait_ms >= 0),
+                 ("--decode-threads", self.decode_threads >= 0),
                  ("--num-gpus", self.num_gpus >= 0), ("--max-body-mb", self.max_body_mb > 0),
-                 ("--top-k", self.top_k >= 1),
+                 ("--top-k", self.top_k >= 1), ("--request-timeout-s", self.request_timeout_s > 0),
                  ("--max-replicas-per-node", self.max_replicas_per_node is None
                   or self.max_replicas_per_node >= 1)]
         if self.min_replicas is not None or self.max_replicas is not None:
@@ -78,8 +99,9 @@ class ServeOptions:
                 raise ClfsysError(f"{flag} has a bad value: {value!r}")
 
 
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+def option_fields():
+    """(flag, field) for each ServeOptions field, for the CLI."""
+    return [(f"--{f.name.replace('_', '-')}", f) for f in fields(ServeOptions)]
 
 
 def read_auth_token(env_var: str | None) -> str | None:
@@ -93,176 +115,112 @@ def read_auth_token(env_var: str | None) -> str | None:
     return token
 
 
-def _make_deployment(options: ServeOptions, token_sha256: str | None):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from ray import serve
+class ReplicaMetrics:
+    """Prometheus metrics of one replica, through Ray's metrics agent (prefix `ray_`)."""
 
-    from clfsys import images
+    LATENCY_S = [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+    BATCH = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
-    api = FastAPI(title="clfsys", description="Image classification with a clfsys model "
-                  "bundle. POST an image to /predict.")
-    max_body = int(options.max_body_mb * 1024 * 1024)
+    def __init__(self, name: str, model_id: str):
+        from ray.util.metrics import Counter, Histogram
 
-    class BadRequest(Exception):
-        def __init__(self, status: int, message: str):
-            self.status, self.message = status, message
+        self.tags = {"model": name, "model_id": model_id}
+        model = ("model", "model_id")
+        self.requests = Counter("clfsys_requests", "HTTP requests by route, method and status",
+                                tag_keys=(*model, "route", "method", "status"))
+        self.latency = Histogram("clfsys_request_seconds", "Request latency in the replica",
+                                 boundaries=self.LATENCY_S, tag_keys=(*model, "route"))
+        self.batches = Histogram("clfsys_batch_size", "Images per model call",
+                                 boundaries=self.BATCH, tag_keys=model)
+        self.decode_errors = Counter("clfsys_decode_errors", "Images that failed to decode, "
+                                     "by kind", tag_keys=(*model, "kind"))
 
-    @api.exception_handler(BadRequest)
-    async def _bad_request(_request, exc: BadRequest):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.inc(1, {**self.tags, "route": route, "method": method,
+                              "status": str(status)})
+        self.latency.observe(seconds, {**self.tags, "route": route})
 
-    def _check_auth(request: Request) -> None:
-        if token_sha256 is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token_digest(presented.strip()), token_sha256):
-            raise BadRequest(401, "missing or invalid bearer token")
+    def batch(self, size: int) -> None:
+        self.batches.observe(size, self.tags)
 
-    async def _read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body:
-            raise BadRequest(413, f"body of {int(declared):,} bytes exceeds the "
-                                  f"{max_body:,}-byte limit")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise BadRequest(413, f"body exceeds the {max_body:,}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def decode_error(self, kind: str) -> None:
+        self.decode_errors.inc(1, {**self.tags, "kind": kind})
 
-    async def _files(request: Request, body: bytes) -> list[tuple[str, bytes]]:
-        """(field name, bytes) of each uploaded part, in order."""
-        from starlette.datastructures import UploadFile
-        from starlette.formparsers import MultiPartException, MultiPartParser
 
-        async def stream():
-            yield body
+class ModelServer:
+    """The Serve deployment class (bound in `build_app`): one Predictor, batched, with the
+    routes of clfsys.http_api. Implements http_api.Backend."""
 
-        try:
-            form = await MultiPartParser(request.headers, stream(), max_files=256,
-                                         max_fields=256).parse()
-        except (MultiPartException, ValueError, KeyError) as exc:
-            raise BadRequest(400, f"malformed multipart body: {exc}") from None
-        files = []
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                files.append((name, await value.read()))
-        return files
+    def __init__(self, source, name: str, options: ServeOptions, token_sha256: str | None):
+        import ray
+        from ray import serve
 
-    async def _images_from(request: Request, batch: bool) -> list[bytes]:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await _read_body(request)
-        if content_type.startswith("multipart/form-data"):
-            if not body:
-                raise BadRequest(400, "empty body")
-            files = await _files(request, body)
-            if not batch:
-                files = [f for f in files if f[0] == "file"]
-                if not files:
-                    raise BadRequest(400, "multipart body has no 'file' field")
-                files = files[:1]
-            if not files:
-                raise BadRequest(400, "multipart body has no files")
-            return [data for _, data in files]
-        if batch:
-            raise BadRequest(415, f"/predict/batch takes multipart/form-data, got "
-                                  f"{content_type or 'no content type'!r}")
-        if not (content_type.startswith("image/") or content_type == "application/octet-stream"):
-            raise BadRequest(415, f"unsupported content type {content_type or '(none)'!r}; "
-                                  "send image/* or application/octet-stream, or multipart "
-                                  "with a 'file' field")
-        if not body:
-            raise BadRequest(400, "empty body")
-        return [body]
+        from clfsys.predict import Predictor
 
-    @serve.deployment(name="Classifier", graceful_shutdown_timeout_s=20,
-                      health_check_period_s=2, health_check_timeout_s=10)
-    @serve.ingress(api)
-    class Classifier:
-        def __init__(self, source):
-            import ray
+        self.predictor = Predictor(source.open(), top_k=options.top_k)
+        self.name, self.options, self.token_sha256 = name, options, token_sha256
+        self.model_id = self.predictor.model_id
+        self.class_names = self.predictor.class_names
+        self.input_shape = self.predictor.bundle.input_shape
+        self.metadata = self.predictor.bundle.metadata
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.max_batch_size = options.max_batch_size
+        self.metrics = ReplicaMetrics(name, self.model_id)
+        self._decoder = (ThreadPoolExecutor(options.decode_threads, "decode")
+                         if options.decode_threads else None)
+        self._batched = serve.batch(max_batch_size=options.max_batch_size,
+                                    batch_wait_timeout_s=options.batch_wait_ms / 1000)(
+            self._predict_batch)
+        # Warm-up: build the graph for the one padded shape before reporting ready.
+        self._run([np.zeros(self.input_shape, dtype=np.uint8)])
 
-            from clfsys.predict import Predictor
+    def __serve_build_asgi_app__(self):
+        from clfsys import http_api
 
-            self.predictor = Predictor(source.open(), top_k=options.top_k)
-            self.node_id = ray.get_runtime_context().get_node_id()
-            self.shape = self.predictor.bundle.input_shape
-            self.max_batch = options.max_batch_size
-            self._predict.set_max_batch_size(options.max_batch_size)
-            self._predict.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
-            # Warm-up: build the graph for the one padded shape before reporting ready.
-            self.predictor.predict(np.zeros((self.max_batch, *self.shape), dtype=np.uint8))
+        limits = http_api.Limits(max_body_bytes=int(self.options.max_body_mb * 1024 * 1024))
+        return http_api.build_api(self, limits, self.token_sha256, self.metrics)
 
-        def check_health(self) -> None:  # Serve calls this; raising marks the replica dead
-            if self.predictor is None:
-                raise RuntimeError("model not loaded")
+    def check_health(self) -> None:  # Serve calls this; raising marks the replica dead
+        if self.predictor is None:
+            raise RuntimeError("model not loaded")
 
-        def _run(self, batch: np.ndarray) -> list[dict[str, Any]]:
-            n = len(batch)
-            padded = np.zeros((self.max_batch, *self.shape), dtype=np.uint8)
-            padded[:n] = batch
-            result = self.predictor.predict(padded)
-            return [{"label": str(result["label"][i]),
-                     "label_index": int(result["label_index"][i]),
-                     "confidence": float(result["confidence"][i]),
-                     "top_k": self.predictor.top_k_records(result, i),
-                     "model_id": self.predictor.model_id} for i in range(n)]
+    def model_info(self) -> dict[str, str]:
+        """For `clfsys serve` itself (a model swap reports the model_id before and after)."""
+        return {"name": self.name, "model_id": self.model_id}
 
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-        async def _predict(self, arrays: list[np.ndarray]) -> list[dict[str, Any]]:
-            return await asyncio.to_thread(self._run, np.stack(arrays))
+    async def decode(self, data: bytes) -> np.ndarray:
+        if self._decoder is None:
+            return self.predictor.decode(data)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._decoder, self.predictor.decode, data)
 
-        def _decode(self, data: bytes) -> np.ndarray:
-            try:
-                return self.predictor.decode(data)
-            except images.ImageError as exc:
-                raise BadRequest(IMAGE_ERROR_STATUS.get(exc.kind, 422), str(exc)) from None
+    async def classify(self, image: np.ndarray) -> dict[str, Any]:
+        return await self._batched(image)
 
-        @api.post("/predict", summary="Label one image (raw body or multipart field 'file')")
-        async def predict(self, request: Request) -> dict[str, Any]:
-            _check_auth(request)
-            (data,) = await _images_from(request, batch=False)
-            return await self._predict(self._decode(data))
+    async def _predict_batch(self, batch: list[np.ndarray]) -> list[dict[str, Any]]:
+        self.metrics.batch(len(batch))
+        return await asyncio.to_thread(self._run, batch)
 
-        @api.post("/predict/batch", summary="Label several images (multipart), in order")
-        async def predict_batch(self, request: Request) -> list[dict[str, Any]]:
-            _check_auth(request)
-            arrays = [self._decode(data) for data in await _images_from(request, batch=True)]
-            return list(await asyncio.gather(*(self._predict(a) for a in arrays)))
-
-        @api.get("/metadata", summary="Classes, input, model_id and test metrics")
-        async def metadata(self, request: Request) -> dict[str, Any]:
-            _check_auth(request)
-            meta = self.predictor.bundle.metadata
-            metrics = meta.get("metrics", {})
-            return {"classes": meta["class_names"], "input_shape": meta["input_shape"],
-                    "color_mode": meta["color_mode"], "model_id": meta["model_id"],
-                    "test_metrics": {"accuracy": metrics.get("test_accuracy"),
-                                     "loss": metrics.get("test_loss")},
-                    "max_batch_size": self.max_batch}
-
-        @api.get("/healthz", summary="200 once the model is loaded and warmed up")
-        async def healthz(self) -> dict[str, str]:
-            return {"status": "ok", "model_id": self.predictor.model_id, "node_id": self.node_id}
-
-    return Classifier
+    def _run(self, batch: list[np.ndarray]) -> list[dict[str, Any]]:
+        padded = np.zeros((self.max_batch_size, *self.input_shape), dtype=np.uint8)
+        padded[:len(batch)] = np.stack(batch)
+        return self.predictor.rows(padded, count=len(batch))
 
 
 def build_app(model: str | Path, options: ServeOptions | None = None,
               token: str | None = None):
     """The Serve application for a bundle at a local path or URI (not started)."""
-    from clfsys import bundle
+    from ray import serve
+
+    from clfsys import bundle, http_api
 
     options = options or ServeOptions()
     options.check()
     found = bundle.load(model)
     found.load_model()  # fail fast, in the caller, on a bad bundle
-    deployment = _make_deployment(options, token_digest(token) if token else None)
     config: dict[str, Any] = {
+        "name": DEPLOYMENT, "graceful_shutdown_timeout_s": 20, "health_check_period_s": 2,
+        "health_check_timeout_s": 10,
         "ray_actor_options": {"num_cpus": 1, "num_gpus": options.num_gpus},
         "max_ongoing_requests": max(64, 4 * options.max_batch_size),
     }
@@ -274,7 +232,9 @@ def build_app(model: str | Path, options: ServeOptions | None = None,
             "target_ongoing_requests": options.target_ongoing_requests}
     else:
         config["num_replicas"] = options.replicas
-    return deployment.options(**config).bind(bundle.portable(found))
+    deployment = serve.deployment(**config)(serve.ingress()(ModelServer))
+    digest = http_api.token_digest(token) if token else None
+    return deployment.bind(bundle.portable(found), options.name, options, digest)
 
 
 def app_builder(args: dict[str, Any]):
@@ -287,52 +247,146 @@ def app_builder(args: dict[str, Any]):
     model = args.pop("model", None)
     if not model:
         raise ClfsysError("app_builder needs args.model: the bundle's URI or directory")
-    fields = ServeOptions.__dataclass_fields__
-    unknown = sorted(set(args) - set(fields))
+    known = {f.name for f in fields(ServeOptions)}
+    unknown = sorted(set(args) - known)
     if unknown:
-        raise ClfsysError(f"unknown serve option {unknown[0]!r} (known: {', '.join(fields)})")
+        raise ClfsysError(f"unknown serve option {unknown[0]!r} (known: {', '.join(known)})")
     # `serve run ... key=value` passes strings; config files pass typed YAML values.
     options = ServeOptions(**{k: yaml.safe_load(v) if isinstance(v, str) and k not in (
-        "host", "auth_token_env", "name") else v for k, v in args.items()})
+        "host", "auth_token_env", "name", "ingress") else v for k, v in args.items()})
     return build_app(model, options, token=read_auth_token(options.auth_token_env))
 
 
-def run_server(model: str, options: ServeOptions) -> dict[str, Any]:
-    """`clfsys serve`: deploy the application and block until Ctrl-C or SIGTERM; then delete
-    this application only (other applications on the cluster keep running)."""
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _serving_model(name: str) -> str | None:
+    """The model_id that application `name` serves now, or None if it is not running."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        status = serve.status().applications.get(name)
+    except RayServeException:  # no Serve instance on this cluster yet
+        return None
+    if status is None or status.status not in ("RUNNING", "DEPLOYING"):
+        return None
+    if DEPLOYMENT not in status.deployments:
+        raise ClfsysError(f"application {name!r} on this cluster is not a clfsys model; "
+                          "choose another --name")
+    return serve.get_app_handle(name).model_info.remote().result()["model_id"]
+
+
+def swap_model(model: str, options: ServeOptions, app, model_id: str) -> dict[str, Any]:
+    """Roll `app` out under a running name: Serve replaces the replicas one by one, each new
+    one warm before an old one drains, so requests keep being answered."""
     from ray import serve
 
+    previous = _serving_model(options.name)
+    started = time.monotonic()
+    _log(f"application {options.name!r} serves {previous}; rolling out {model_id} from {model}")
+    serve.run(app, name=options.name, route_prefix=options.route_prefix)
+    now = _serving_model(options.name)
+    result = {"application": options.name, "swapped": True, "previous_model_id": previous,
+              "model_id": now, "rollout_s": round(time.monotonic() - started, 1)}
+    if now != model_id:
+        raise IncompleteError(f"application {options.name!r} serves {now}, not {model_id}",
+                              result)
+    return result
+
+
+def run_server(model: str, options: ServeOptions) -> dict[str, Any]:
+    """`clfsys serve`: deploy the application and block until Ctrl-C or SIGTERM; then drain,
+    delete this application only, and stop the local Ray instance and HAProxy if this command
+    started them. On a cluster where `options.name` already serves, swap the model and return."""
+    import ray
+
+    from clfsys import ingress
+    from clfsys.bundle import load
     from clfsys.cluster import init_ray
 
     token = read_auth_token(options.auth_token_env)
     app = build_app(model, options, token=token)
-    init_ray()
-    started = time.monotonic()
+    model_id = load(model).model_id
     url = f"http://{options.host}:{options.port}{options.route_prefix.rstrip('/')}"
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    run_dir = Path(tempfile.mkdtemp(prefix="clfsys-serve-"))
+    try:
+        if on_cluster:
+            init_ray()
+            if _serving_model(options.name) is not None:
+                return {**swap_model(model, options, app, model_id), "url": url}
+        else:
+            os.environ["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] = str(
+                int(options.request_timeout_s) + 1)
+            if not ingress.port_is_free(options.metrics_port):
+                raise ClfsysError(f"--metrics-port {options.metrics_port} is in use; choose "
+                                  "another port for this Ray instance's metrics")
+            ingress.configure_local(options.ingress, options.host, run_dir)
+            init_ray(metrics_export_port=options.metrics_port)
+        return _serve_until_stopped(model, options, app, url, on_cluster, run_dir)
+    finally:
+        if not on_cluster:
+            ray.shutdown()
+            leftover = ingress.stop_haproxy(run_dir)
+            if leftover:
+                _log(f"stopped {len(leftover)} HAProxy process(es) that outlived Serve")
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _serve_until_stopped(model: str, options: ServeOptions, app, url: str, on_cluster: bool,
+                         run_dir: Path) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from clfsys import ingress
+
+    started = time.monotonic()
 
     def stop(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, stop)  # systemd, Kubernetes, docker stop
-    deployed = False
+    # SIGTERM: systemd, Kubernetes, docker stop. SIGINT explicitly too: a process started in
+    # the background of a shell inherits SIGINT ignored, and Ctrl-C must still stop it.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    deployed, stopped_by = False, None
     try:
         serve.start(http_options={"host": options.host, "port": options.port,
                                   "request_timeout_s": options.request_timeout_s})
         serve.run(app, name=options.name, route_prefix=options.route_prefix)
         deployed = True
-        print(f"serving {model} as application {options.name!r} at {url} (POST "
-              f"{url}/predict, docs at {url}/docs; auth {'on' if token else 'off'}); Ctrl-C to "
-              "stop", file=sys.stderr, flush=True)
+        front = ingress.running_ingress() or "none"
+        address = os.environ.get("RAY_ADDRESS") or ray.get_runtime_context().gcs_address
+        where = f"cluster {address}" if on_cluster else f"Ray at {address}"
+        metrics = ("" if on_cluster else
+                   f"; metrics at http://{options.host}:{options.metrics_port}/metrics")
+        _log(f"serving {model} as {options.name!r} at {url} via the {front} ingress ({where}"
+             f"{metrics}): POST {url}/predict, V2 at {url}/v2, TF Serving at {url}/v1, docs at "
+             f"{url}/docs; auth {'on' if options.auth_token_env else 'off'}. Ctrl-C to stop")
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        if front == ingress.HAPROXY and options.host in ingress.LOOPBACK and len(nodes) > 1:
+            _log(f"warning: --host {options.host} on a {len(nodes)}-node cluster: replicas "
+                 "listen on loopback, where HAProxy on another node cannot reach them; pass "
+                 "--host 0.0.0.0 (and firewall the port) when Serve first starts there")
+        _log(f"to swap the model without downtime: RAY_ADDRESS={address} RAY_AUTH_MODE=token "
+             f"clfsys serve --name {options.name} --model NEW_BUNDLE")
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
-        print(f"shutting down application {options.name!r}: finishing in-flight requests",
-              file=sys.stderr, flush=True)
+    except KeyboardInterrupt as exc:
+        stopped_by = str(exc) or "SIGINT"
+        _log(f"{stopped_by}: shutting down {options.name!r}, finishing in-flight requests")
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the drain
+        # A second Ctrl-C or SIGTERM must not cut the drain short.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         try:
             serve.delete(options.name)
+            if not on_cluster:
+                serve.shutdown()  # stops the proxies (and HAProxy) of the local instance
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return {"served_s": round(time.monotonic() - started, 1), "url": url,
-            "application": options.name, "deployed": deployed, "options": asdict(options)}
+            "application": options.name, "deployed": deployed, "stopped_by": stopped_by,
+            "options": asdict(options)}

@@ -10,6 +10,7 @@ node) read the bundle from it. Both are torn down at the end.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shlex
@@ -48,7 +49,8 @@ def serve_and_ask(bundle: str, folder: Path, count: int, *extra: str) -> list[di
     """Start `clfsys serve`, send it a few exported PNGs over HTTP, print, stop with Ctrl-C."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = ["serve", "--model", bundle, "--port", str(port), *extra]
+    args = ["serve", "--model", bundle, "--port", str(port), "--metrics-port", str(free_port()),
+            *extra]
     print(f"\n$ clfsys {shlex.join(args)}", flush=True)
     server = subprocess.Popen([sys.executable, "-m", "clfsys.cli", *args], cwd=ROOT,
                               stdout=subprocess.DEVNULL, start_new_session=True, env=ENV)
@@ -73,6 +75,15 @@ def serve_and_ask(bundle: str, folder: Path, count: int, *extra: str) -> list[di
             answers.append(answer)
             print(f"POST /predict {path.relative_to(folder)} -> {answer['label']} "
                   f"({answer['confidence']:.0%})", flush=True)
+        v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                          "data": [base64.b64encode(path.read_bytes()).decode()]}]}
+        request = urllib.request.Request(f"{url}/v2/models/clfsys/infer",
+                                         data=json.dumps(v2).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            outputs = {o["name"]: o["data"] for o in json.loads(response.read())["outputs"]}
+        print(f"POST /v2/models/clfsys/infer (Open Inference Protocol) {path.name} -> "
+              f"{outputs['label'][0]}", flush=True)
         nodes = set()
         for _ in range(20):
             with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -224,3 +225,54 @@ class LocalCluster:
         kill_sessions(*self.sessions)
         for path in self.temp_dirs:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Command:
+    process: subprocess.Popen
+    log: Path
+
+    def tail(self) -> str:
+        return self.log.read_text()[-4000:]
+
+    def wait_healthy(self, url: str, timeout_s: float = 300) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.tail()
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise AssertionError(self.tail())
+
+    def line(self, prefix: str, timeout_s: float = 60) -> str:
+        """The first line of the command's stderr that starts with `prefix`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [x for x in self.log.read_text().splitlines() if x.startswith(prefix)]
+            if found:
+                return found[0]
+            assert self.process.poll() is None, self.tail()
+            time.sleep(0.5)
+        raise AssertionError(self.tail())
+
+    def stop(self) -> dict:
+        """SIGTERM to the command alone; its exit code must be 0 and its last line JSON."""
+        self.process.send_signal(signal.SIGTERM)
+        stdout, _ = self.process.communicate(timeout=180)
+        assert self.process.returncode == 0, self.tail()
+        return json.loads(stdout.strip().splitlines()[-1])
+
+
+def clfsys_serve(log: Path, env: dict, *args: str) -> Command:
+    """`clfsys serve ARGS` in a session of its own, stderr to `log`."""
+    handle = open(log, "w")
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, "-m", "clfsys.cli", "serve", *args], cwd=root,
+                               env=env, stdout=subprocess.PIPE, stderr=handle, text=True,
+                               start_new_session=True)
+    return Command(process, log)

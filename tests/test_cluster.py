@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
-from infra import LocalCluster, can_isolate_nodes
+from infra import LocalCluster, can_isolate_nodes, clfsys_serve
 from PIL import Image
 
 pytestmark = [pytest.mark.slow,
@@ -330,28 +330,6 @@ def healthz_nodes(url: str, expected: set[str], timeout_s: float = 120) -> set[s
     return nodes
 
 
-def start_server(cluster: LocalCluster, log: Path, *args: str) -> subprocess.Popen:
-    with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "clfsys.cli", "serve", *args],
-                                cwd=ROOT, env=cluster.client_env, stdout=subprocess.PIPE,
-                                stderr=handle, text=True, start_new_session=True)
-
-
-def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, log.read_text()[-3000:]
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise AssertionError(log.read_text()[-3000:])
-
-
 def test_serve_a_bundle_on_s3_with_a_replica_on_each_node(cluster, s3, trained_bundle,
                                                           tmp_path):
     import requests
@@ -362,11 +340,12 @@ def test_serve_a_bundle_on_s3_with_a_replica_on_each_node(cluster, s3, trained_b
     storage.copy_tree(trained_bundle, s3.uri("bundles", "served"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    main = start_server(cluster, tmp_path / "main.log", "--model", s3.uri("bundles", "served"),
-                        "--port", str(port), "--replicas", "2", "--max-replicas-per-node", "1")
+    main = clfsys_serve(tmp_path / "main.log", cluster.client_env, "--model",
+                        s3.uri("bundles", "served"), "--port", str(port), "--replicas", "2",
+                        "--max-replicas-per-node", "1")
     other = None
     try:
-        wait_healthy(url, main, tmp_path / "main.log")
+        main.wait_healthy(url)
         every_node = {n["node_id"] for n in cluster.nodes()}
         assert healthz_nodes(url, every_node) == every_node
         image = io.BytesIO()
@@ -376,21 +355,16 @@ def test_serve_a_bundle_on_s3_with_a_replica_on_each_node(cluster, s3, trained_b
         assert answer.status_code == 200 and answer.json()["label"] in ("left", "right", "top")
 
         # A second model on the same cluster, under /other; stopping it leaves the first one.
-        other = start_server(cluster, tmp_path / "other.log", "--model", str(trained_bundle),
-                             "--port", str(port), "--name", "other")
-        wait_healthy(f"{url}/other", other, tmp_path / "other.log")
-        other.send_signal(signal.SIGTERM)
-        stdout, _ = other.communicate(timeout=120)
-        assert other.returncode == 0, (tmp_path / "other.log").read_text()[-3000:]
-        assert json.loads(stdout.strip().splitlines()[-1])["application"] == "other"
+        other = clfsys_serve(tmp_path / "other.log", cluster.client_env, "--model",
+                             str(trained_bundle), "--port", str(port), "--name", "other")
+        other.wait_healthy(f"{url}/other")
+        assert other.stop()["application"] == "other"
         assert requests.get(f"{url}/other/healthz", timeout=10).status_code == 404
         assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
     finally:
-        for server in (main, other):
-            if server is not None and server.poll() is None:
-                server.send_signal(signal.SIGTERM)
-                server.communicate(timeout=120)
-    assert main.returncode == 0, (tmp_path / "main.log").read_text()[-3000:]
+        results = [server.stop() for server in (other, main)
+                   if server is not None and server.process.poll() is None]
+    assert results[-1]["application"] == "clfsys" and results[-1]["stopped_by"] == "SIGTERM"
 
 
 def test_a_submitted_gpu_search_runs_its_trials_on_the_gpu_node(cluster, s3, tmp_path):

