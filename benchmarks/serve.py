@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def noop_serve(port: int, front: str) -> None:
 
     from clfsys import ingress
 
-    run_dir = Path(tempfile.mkdtemp(prefix="clfsys-serve-bench-"))
+    run_dir = ingress.make_run_dir()
     ingress.configure_local(front, "127.0.0.1", run_dir)
     ray.init(include_dashboard=False)
     deployment = serve.deployment(max_ongoing_requests=256)(serve.ingress(noop_api())(

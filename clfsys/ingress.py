@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,16 @@ from clfsys.errors import ClfsysError
 HAPROXY, PROXY = "haproxy", "proxy"
 CHOICES = ("auto", HAPROXY, PROXY)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+RUN_PREFIX = "/tmp/clfsys-serve-"
+
+
+def make_run_dir() -> Path:
+    """A fresh folder for HAProxy's files. Always under /tmp, whatever TMPDIR says: Ray puts
+    HAProxy's admin socket at <dir>/<56-character node id>/admin.sock, and a unix socket's
+    path has at most 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix=Path(RUN_PREFIX).name, dir=Path(RUN_PREFIX).parent))
 
 
 def haproxy_binary() -> str | None:

@@ -65,8 +65,12 @@ def _cell(value: Any) -> Any:
 def trial_rows(grid, cfg: Config, asha_log: str) -> tuple[list[dict], dict[str, Any]]:
     """One row per trial, and each trial's Result by id."""
     asha = asha_stops(asha_log)
+    # A trial that never started (a time budget ran out first) has no result, so its sampled
+    # configuration comes from Tune's trial record.
+    sampled = {str(t.path): t.config for t in grid._experiment_analysis.trials}
     rows, by_id = [], {}
     for result in grid:
+        result_config = result.config or sampled.get(str(result.path)) or {}
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         frame = result.metrics_dataframe
@@ -88,7 +92,7 @@ def trial_rows(grid, cfg: Config, asha_log: str) -> tuple[list[dict], dict[str, 
             error = lines[-1][:300] if lines else type(result.error).__name__
         rows.append({
             "trial_id": trial_id,
-            **{f"param.{k}": _cell(v) for k, v in overrides(result.config).items()},
+            **{f"param.{k}": _cell(v) for k, v in overrides(result_config).items()},
             "best_val_accuracy": float(frame["val_accuracy"].max()) if has_curve else None,
             "epochs_run": epochs,
             "asha_stopped": trial_id in asha,
@@ -165,6 +169,7 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
     table.to_csv(out / "trials.csv", index=False)
     table.to_parquet(out / "trials.parquet", index=False)
     errored = int((table["status"] == "ERROR").sum())
+    not_started = int((table["status"] == "NOT_STARTED").sum())
     lost = int((table["failure"] == INFRASTRUCTURE).sum())
     finished = [r for r in rows if r["status"] != "ERROR" and r["best_val_accuracy"] is not None]
     if not finished:
@@ -201,7 +206,8 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
         ("Best model: sample test predictions", "<img src='best_samples.png'>"),
     ])
     print(f"\n== search done: {len(rows)} trials, {errored} errored ({lost} for infrastructure "
-          f"reasons), {epochs_total} epochs, {wall_s:.0f} s", file=sys.stderr)
+          f"reasons), {not_started} not started, {epochs_total} epochs, {wall_s:.0f} s",
+          file=sys.stderr)
     for rank, row in enumerate(rows[:5], start=1):
         params = ", ".join(f"{k[6:]}={v}" for k, v in row.items()
                            if k.startswith("param.") and v is not None and v == v)
@@ -215,7 +221,7 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
         "best_trial": best_row["trial_id"], "val_accuracy": round(best_row["best_val_accuracy"], 4),
         "test_accuracy": summary["test_accuracy"], "model_id": summary["model_id"],
         "bundle": storage.join(location, "best"), "trials": len(rows), "errored": errored,
-        "infrastructure_failures": lost,
+        "infrastructure_failures": lost, "not_started": not_started,
         "epochs_total": epochs_total, "wall_s": round(wall_s, 1),
     }
 

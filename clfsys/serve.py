@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -311,7 +310,7 @@ def run_server(model: str, options: ServeOptions) -> dict[str, Any]:
     model_id = load(model).model_id
     url = f"http://{options.host}:{options.port}{options.route_prefix.rstrip('/')}"
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    run_dir = Path(tempfile.mkdtemp(prefix="clfsys-serve-"))
+    run_dir = ingress.make_run_dir()
     try:
         if on_cluster:
             init_ray()

@@ -9,7 +9,7 @@ YAML form::
       mlp: {model.units: {choice: [[512, 256], [256]]}}
       cnn_bn: {model.filters: {choice: [[32, 64], [64, 128]]}, model.dropout: {uniform: [0.1, 0.4]}}
 
-Conditional parameters are flat sampled keys named `<arch>/<dotted key>`; a trial uses only those
+Conditional parameters are flat sampled keys named `<arch>:<dotted key>`; a trial uses only those
 of its sampled architecture. Choices that are not plain scalars (lists) are sampled as JSON
 strings so every searcher (Optuna included) can handle them.
 """
@@ -26,6 +26,9 @@ from clfsys.errors import ConfigError
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 ARCH_KEY = "model.arch"
 _JSON = "json:"
+SEP = ":"
+"""Between an architecture and its own parameter's key (not "/": Tune flattens on "/", and
+Optuna's searcher then fails on such keys)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def parse_space(space: dict[str, Any]) -> list[Param]:
                 for sub_key, sub_spec in conditional.items():
                     if sub_key == ARCH_KEY:
                         raise ConfigError(f"{where}.{arch} cannot set {ARCH_KEY}")
-                    params.append(_param(f"{arch}/{sub_key}", sub_key, sub_spec,
+                    params.append(_param(f"{arch}{SEP}{sub_key}", sub_key, sub_spec,
                                          f"{where}.{arch}.{sub_key}"))
         else:
             params.append(_param(key, key, spec, where))
@@ -104,8 +107,8 @@ def overrides(sample: dict[str, Any]) -> dict[str, Any]:
     arch = _decode(sample.get(ARCH_KEY))
     result = {}
     for name, value in sample.items():
-        prefix, slash, key = name.partition("/")
-        if not slash:
+        prefix, sep, key = name.partition(SEP)
+        if not sep:
             result[name] = _decode(value)
         elif prefix == arch:
             result[key] = _decode(value)

@@ -222,3 +222,59 @@ def test_local_storage_is_refused_when_trials_must_run_on_other_nodes(tmp_path):
                                           r"local path, but this node has too little GPU"):
         run_search(cfg, tmp_path / "out")
     assert not (tmp_path / "out" / "ray" / "search").exists()
+
+
+CONDITIONAL = """
+    train.lr: {loguniform: [0.005, 0.05]}
+    model.arch:
+      cnn: {model.filters: {choice: [[4], [8]]}, model.dense: 16}
+      mlp: {model.units: {choice: [[16], [32]]}}
+    """
+
+
+def sampled_points(table: pd.DataFrame) -> list[tuple]:
+    """The trials' parameters, sorted (Optuna's trial ids carry no creation order)."""
+    columns = sorted(c for c in table.columns if c.startswith("param."))
+    return sorted(tuple(row) for row in table[columns].astype(str).itertuples(index=False))
+
+
+def test_optuna_runs_end_to_end_and_a_seed_repeats_its_configurations(tmp_path):
+    """Conditional parameters used to be named <arch>/<key>, which Tune flattens on: Optuna
+    failed at once ("Found delimiter `/` in key")."""
+    folder = write_folder(tmp_path / "images", per_class=10, size=16)
+    runs = []
+    for run in range(2):
+        cfg = search_config(folder, CONDITIONAL, **{
+            "tune.searcher": "optuna", "tune.num_samples": 3, "tune.max_epochs": 1,
+            "tune.grace_period": 1,
+            "tune.scheduler": "none", "tune.max_concurrent_trials": 1, "tune.seed": 3})
+        result = run_search(cfg, tmp_path / f"run{run}")
+        table = pd.read_csv(tmp_path / f"run{run}" / "trials.csv")
+        assert len(table) == 3 and (table["status"] == "TERMINATED").all(), table.to_string()
+        assert result["trials"] == 3
+        for _, row in table.iterrows():  # each trial carries its own architecture's parameter
+            own = "param.model.filters" if row["param.model.arch"] == "cnn" else \
+                "param.model.units"
+            assert pd.notna(row[own]), row.to_dict()
+        runs.append(sampled_points(table))
+    assert runs[0] == runs[1]
+    assert len(set(runs[0])) == 3  # three different points, not one fixed point
+
+
+def test_a_time_budget_writes_every_output_with_trials_that_never_started(tmp_path):
+    folder = write_folder(tmp_path / "images", per_class=10, size=16)
+    cfg = search_config(folder, CONDITIONAL, **{
+        "tune.num_samples": 16, "tune.max_epochs": 2, "tune.scheduler": "none",
+        "tune.time_budget_s": 30})  # all 16 are sampled up front; 2 run at a time
+    result = run_search(cfg, tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "trials.csv")
+    assert len(table) == 16 and table["trial_id"].is_unique
+    pending = table[table["status"] == "NOT_STARTED"]
+    ran = table[table["epochs_run"] > 0]
+    assert len(pending) >= 1 and len(ran) >= 1, table.to_string()
+    assert pending["param.model.arch"].notna().all() and pending["param.train.lr"].notna().all()
+    assert pending["best_val_accuracy"].isna().all()
+    assert result["not_started"] == len(pending) and result["trials"] == 16
+    best = bundle.load(tmp_path / "out" / "best")
+    assert best.metadata["search"]["trial_id"] in set(ran["trial_id"])
+    assert (tmp_path / "out" / "report" / "index.html").is_file()

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +140,7 @@ def predictor(trained_bundle):
 def test_haproxy_listens_on_loopback_only(endpoint):
     from clfsys import ingress
 
-    pids = ingress.haproxy_pids(Path(tempfile.gettempdir(), "clfsys-serve-"))
+    pids = ingress.haproxy_pids(Path(ingress.RUN_PREFIX))
     if endpoint.ingress == "proxy":
         assert not pids
         return
@@ -448,7 +447,7 @@ def test_sigterm_drains_removes_its_app_and_leaves_no_process(endpoint):
         time.sleep(1)
     left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in session_pids(sid)}
     assert not left, left
-    assert not ingress.haproxy_pids(Path(tempfile.gettempdir(), "clfsys-serve-")), \
+    assert not ingress.haproxy_pids(Path(ingress.RUN_PREFIX)), \
         "an HAProxy of clfsys serve outlived it"
 
 

@@ -23,25 +23,25 @@ model.arch:
 def test_parse_flattens_conditionals_and_encodes_lists():
     params = {p.name: p for p in parse_space(SPACE)}
     assert set(params) == {"train.lr", "train.batch_size", "model.augment", "model.arch",
-                           "mlp/model.units", "mlp/model.dropout", "cnn_bn/model.filters",
-                           "cnn_bn/model.dropout"}
+                           "mlp:model.units", "mlp:model.dropout", "cnn_bn:model.filters",
+                           "cnn_bn:model.dropout"}
     assert params["model.arch"].args == ("mlp", "cnn_bn", "cnn")
     assert params["train.lr"].kind == "loguniform" and params["train.lr"].args == (1e-4, 3e-3)
     assert params["model.augment"].kind == "fixed"
-    assert params["mlp/model.units"].args == ("json:[512, 256]", "json:[256]")
+    assert params["mlp:model.units"].args == ("json:[512, 256]", "json:[256]")
 
 
 def test_overrides_keep_only_the_sampled_architectures_parameters():
-    sample = {"model.arch": "cnn_bn", "train.lr": 0.001, "mlp/model.units": "json:[256]",
-              "mlp/model.dropout": 0.2, "cnn_bn/model.filters": "json:[64, 128]",
-              "cnn_bn/model.dropout": 0.3}
+    sample = {"model.arch": "cnn_bn", "train.lr": 0.001, "mlp:model.units": "json:[256]",
+              "mlp:model.dropout": 0.2, "cnn_bn:model.filters": "json:[64, 128]",
+              "cnn_bn:model.dropout": 0.3}
     assert overrides(sample) == {"model.arch": "cnn_bn", "train.lr": 0.001,
                                  "model.filters": [64, 128], "model.dropout": 0.3}
 
 
 def test_trial_config_drops_base_parameters_of_another_architecture():
     base = load_config(None, ["model.arch=cnn", "model.filters=[16]", "model.dense=50"])
-    cfg = trial_config(base, {"model.arch": "mlp", "mlp/model.units": "json:[64]"})
+    cfg = trial_config(base, {"model.arch": "mlp", "mlp:model.units": "json:[64]"})
     assert cfg.model.arch == "mlp" and cfg.model.units == [64] and cfg.model.filters is None
     same = trial_config(base, {"train.lr": 0.01})
     assert same.model.filters == [16] and same.train.lr == 0.01

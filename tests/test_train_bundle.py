@@ -21,7 +21,7 @@ def test_training_learns_and_writes_checkpoint_and_logs(image_folder, tmp_path):
     result = train(cfg, work_dir=tmp_path / "work")
     assert result.epochs_run == len(result.history["loss"]) <= 10
     assert 1 <= result.best_epoch <= result.epochs_run
-    assert result.best_epoch == int(np.argmin(result.history["val_loss"])) + 1
+    assert_holds_the_best_epochs_weights(result)
     assert (tmp_path / "work" / "checkpoints" / "best.weights.h5").is_file()
     assert list((tmp_path / "work" / "logs").rglob("events.out.tfevents*"))
     ds = result.dataset
@@ -38,7 +38,18 @@ def test_early_stopping_restores_the_best_epoch(image_folder):
     result = train(cfg)
     assert result.stopped_early and result.epochs_run < 30
     losses = result.history["val_loss"]
-    assert result.best_epoch == int(np.argmin(losses)) + 1
+    assert result.best_epoch < result.epochs_run and losses[-1] > min(losses)
+    assert_holds_the_best_epochs_weights(result)
+
+
+def assert_holds_the_best_epochs_weights(result) -> None:
+    """Score the returned model on the validation split ourselves: its loss must be the best
+    epoch's, i.e. the weights were restored (not just the epoch number computed)."""
+    ds = result.dataset
+    loss = result.model.evaluate(ds.x_val, ds.y_val, verbose=0, return_dict=True)["loss"]
+    losses = result.history["val_loss"]
+    assert loss == pytest.approx(min(losses), rel=1e-3, abs=1e-4), (loss, losses)
+    assert losses[result.best_epoch - 1] == min(losses)
 
 
 def test_bundle_round_trip_and_saved_model(trained_bundle):
