@@ -213,6 +213,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench/serve")
     parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
     parser.add_argument("--model", help="bundle (default: the seed CNN, trained for 1 epoch)")
+    parser.add_argument("--only", help="measure only the variants whose name contains this "
+                        "(a quick check; the targets need the whole run)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -250,6 +252,8 @@ def main() -> None:
         "clfsys TF Serving predict, HAProxy": (clfsys + ["--ingress", "haproxy"],
                                                "/v1/models/clfsys:predict", "tf"),
     }
+    if args.only:
+        variants = {k: v for k, v in variants.items() if args.only in k}
     results: dict[str, dict[int, dict]] = {}
     for name, (command, path, protocol) in variants.items():
         port = free_port()
@@ -275,6 +279,8 @@ def main() -> None:
             print(f"| {name:<42} | {c:>4} | {r['rps']:>6.0f} | {r['p50']:>6.1f} | "
                   f"{r['p95']:>6.1f} | {r['p99']:>6.1f} | {r['errors']:>6} |")
     at = {name: levels[32] for name, levels in results.items()}
+    if args.only:
+        return
     ours = at["clfsys /predict, HAProxy"]
     ceiling = at["ceiling: no-op Serve, HAProxy"]
     direct = at["peer: FastAPI, model(x) per request"]

@@ -83,10 +83,9 @@ class Predictor:
             "probabilities": probs,
         }
 
-    def rows(self, batch: np.ndarray, count: int | None = None) -> list[dict[str, Any]]:
-        """One prediction record per image (the first `count` only: the rest is padding), the
-        shape that labelling writes and the endpoint returns: label, label_index, confidence,
-        top_k [{label, score}] and probabilities."""
+    def rows(self, batch: np.ndarray) -> list[dict[str, Any]]:
+        """One prediction record per image, the shape that labelling writes and the endpoint
+        returns: label, label_index, confidence, top_k [{label, score}] and probabilities."""
         result = self.predict(batch)
         return [{"label": str(result["label"][i]),
                  "label_index": int(result["label_index"][i]),
@@ -95,4 +94,4 @@ class Predictor:
                            for k, score in zip(result["top_k_index"][i],
                                                result["top_k_score"][i], strict=True)],
                  "probabilities": result["probabilities"][i].tolist()}
-                for i in range(len(result["label_index"]) if count is None else count)]
+                for i in range(len(result["label_index"]))]
