@@ -174,6 +174,7 @@ class TrainConfig:
 
 SEARCHERS = ("random", "optuna")
 SCHEDULERS = ("asha", "async_asha", "none")
+LATENCY_BATCHES = (1, 32)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,37 @@ class ResourcesConfig:
     def __post_init__(self) -> None:
         _check(self.cpu > 0, "tune.resources.cpu", "must be > 0", self.cpu)
         _check(self.gpu >= 0, "tune.resources.gpu", "must be >= 0", self.gpu)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Constraints the best bundle must meet, on costs every trial measures on its own device
+    (trials.csv: ms_per_image_b1, ms_per_image_b32, params, model_mb). The best bundle is the
+    most accurate trial that meets them all; unset, accuracy alone decides."""
+
+    max_latency_ms: float | None = None
+    """At most this many milliseconds per image at batch size `latency_batch`."""
+    latency_batch: int = 1
+    """Which measured latency `max_latency_ms` limits: 1 (one request) or 32 (batched)."""
+    max_params: int | None = None
+    """At most this many model parameters."""
+    max_model_mb: float | None = None
+    """At most this large a model.keras, in MB."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_latency_ms", "max_params", "max_model_mb"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(value > 0, f"tune.select.{key}", "must be > 0", value)
+        _check(self.latency_batch in LATENCY_BATCHES, "tune.select.latency_batch",
+               f"must be one of {list(LATENCY_BATCHES)}", self.latency_batch)
+
+    def limits(self) -> dict[str, float]:
+        """trials.csv column -> the largest value allowed there."""
+        columns = {"max_latency_ms": f"ms_per_image_b{self.latency_batch}",
+                   "max_params": "params", "max_model_mb": "model_mb"}
+        return {column: getattr(self, key) for key, column in columns.items()
+                if getattr(self, key) is not None}
 
 
 @dataclass(frozen=True)
@@ -223,6 +255,7 @@ class TuneConfig:
     storage_shared: bool = False
     """Declare a local tune.storage_path shared by every node (an NFS mount); without it, a
     local path is refused on a cluster of more than one node."""
+    select: SelectConfig = field(default_factory=SelectConfig)
 
     def __post_init__(self) -> None:
         _check(self.searcher in SEARCHERS, "tune.searcher", f"must be one of {list(SEARCHERS)}",

@@ -229,3 +229,47 @@ def leaderboard(rows: list[dict], path: str | Path, top: int = 15) -> Path:
     ax.set_title("Leaderboard")
     fig.savefig(path)
     return Path(path)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indexes of the points (cost, accuracy) that no other point beats on both: cheaper or as
+    cheap and more accurate. Sorted by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def accuracy_vs_latency(rows: list[dict], column: str, path: str | Path, chosen: str,
+                        limit: float | None = None) -> Path:
+    """Best validation accuracy against measured latency (`column`, ms per image) for every
+    trial that measured it; the Pareto front drawn, the chosen trial and the latency limit
+    marked."""
+    rows = [r for r in rows if r.get(column) is not None]
+    fig = _figure(9, 5.5)
+    ax = fig.subplots()
+    points = [(float(r[column]), float(r["best_val_accuracy"])) for r in rows]
+    front = pareto_front(points)
+    xs, ys = zip(*points, strict=True) if points else ((), ())
+    ax.scatter(xs, ys, color="tab:gray", alpha=0.7, label="trial")
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "-o",
+            color="tab:blue", label="Pareto front")
+    for r, (x, y) in zip(rows, points, strict=True):
+        if r["trial_id"] == chosen:
+            ax.scatter([x], [y], s=180, facecolors="none", edgecolors="tab:red", linewidths=2,
+                       label=f"best bundle ({chosen})")
+        ax.annotate(str(r.get("param.model.arch") or ""), (x, y), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if limit is not None:
+        ax.axvline(limit, color="tab:red", linestyle="--", label=f"limit {limit:g} ms")
+    if points and min(xs) > 0 and max(xs) / min(xs) > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{column.replace('_', ' ')} (ms, measured in the trial)")
+    ax.set_ylabel("best validation accuracy")
+    ax.set_title("Accuracy against serving latency")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path)
+    return Path(path)

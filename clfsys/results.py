@@ -18,26 +18,8 @@ from clfsys import report, storage
 from clfsys.config import Config
 from clfsys.data import Dataset
 from clfsys.errors import DataError, IncompleteError
+from clfsys.scheduler import STATE_FILE, asha_stops
 from clfsys.space import overrides, trial_config
-
-ASHA_LOG = "asha_stopped.json"
-
-
-def record_asha_stop(log: str, trial_id: str, epoch: int) -> None:
-    """Note in `log` (an ASHA_LOG location) that ASHA stopped `trial_id` at `epoch`."""
-    stopped = asha_stops(log)
-    stopped[trial_id] = epoch
-    storage.write_text(log, json.dumps(stopped))
-
-
-def asha_stops(log: str) -> dict[str, int]:
-    try:
-        return json.loads(storage.read_text(log))
-    except storage.StorageError as exc:
-        if exc.not_found:
-            return {}
-        raise
-
 
 INFRASTRUCTURE = "infrastructure"
 TRAINING = "training"
@@ -62,9 +44,9 @@ def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, list | dict) else value
 
 
-def trial_rows(grid, cfg: Config, asha_log: str) -> tuple[list[dict], dict[str, Any]]:
+def trial_rows(grid, cfg: Config, scheduler_state: str) -> tuple[list[dict], dict[str, Any]]:
     """One row per trial, and each trial's Result by id."""
-    asha = asha_stops(asha_log)
+    asha = asha_stops(scheduler_state)
     # A trial that never started (a time budget ran out first) has no result, so its sampled
     # configuration comes from Tune's trial record.
     sampled = {str(t.path): t.config for t in grid._experiment_analysis.trials}
@@ -101,6 +83,7 @@ def trial_rows(grid, cfg: Config, asha_log: str) -> tuple[list[dict], dict[str, 
                 "TERMINATED" if epochs else "NOT_STARTED"),
             "error": error,
             "failure": None if result.error is None else failure_kind(result.error),
+            **{column: metrics.get(column) for column in COST_COLUMNS},
             "wall_s": round(float(metrics.get("time_total_s", 0.0)), 1),
             "node_id": metrics.get("node_id"),
             "cuda_visible_devices": metrics.get("cuda_visible_devices"),
@@ -109,6 +92,24 @@ def trial_rows(grid, cfg: Config, asha_log: str) -> tuple[list[dict], dict[str, 
         by_id[trial_id] = result
     rows.sort(key=lambda r: (r["best_val_accuracy"] is None, -(r["best_val_accuracy"] or 0)))
     return rows, by_id
+
+
+COST_COLUMNS = ("ms_per_image_b1", "ms_per_image_b32", "params", "model_mb")
+"""What each trial measured its model to cost in serving (clfsys.predict.serving_cost)."""
+
+
+def select(finished: list[dict], limits: dict[str, float]) -> tuple[dict | None, dict]:
+    """The most accurate of `finished` (best first) within `limits` (column -> largest value
+    allowed; an unmeasured value fails), and, per column, how many more accurate trials it ruled
+    out."""
+    ruled_out: dict[str, int] = {}
+    for row in finished:
+        broken = [c for c, most in limits.items() if row.get(c) is None or row[c] > most]
+        if not broken:
+            return row, ruled_out
+        for column in broken:
+            ruled_out[column] = ruled_out.get(column, 0) + 1
+    return None, ruled_out
 
 
 def _best_bundle(result, row: dict, cfg: Config, dataset: Dataset, out: Path) -> dict[str, Any]:
@@ -144,7 +145,8 @@ def _curves(by_id: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _leaderboard_html(rows: list[dict]) -> str:
     columns = ["trial_id"] + sorted({k for r in rows for k in r if k.startswith("param.")}) + [
-        "best_val_accuracy", "epochs_run", "stopped_by", "wall_s", "error"]
+        "best_val_accuracy", "epochs_run", "stopped_by", "ms_per_image_b1", "params",
+        "wall_s", "error"]
     head = "".join(f"<th>{html.escape(c.removeprefix('param.'))}</th>" for c in columns)
     body = []
     for rank, row in enumerate(rows, start=1):
@@ -164,8 +166,10 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
     `out`, then copied there when it is a URI); print a summary; return the result line."""
     import pandas as pd
 
-    rows, by_id = trial_rows(grid, cfg, storage.join(location, ASHA_LOG))
+    rows, by_id = trial_rows(grid, cfg, storage.join(location, STATE_FILE))
     table = pd.DataFrame(rows)
+    limits = cfg.tune.select.limits()
+    table["meets_select"] = [select([r], limits)[0] is not None for r in rows]
     table.to_csv(out / "trials.csv", index=False)
     table.to_parquet(out / "trials.parquet", index=False)
     errored = int((table["status"] == "ERROR").sum())
@@ -179,7 +183,21 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
             f"reasons, {errored - lost} in training); see {storage.join(location, 'trials.csv')}",
             {"trials": len(rows), "errored": errored, "infrastructure_failures": lost,
              "trials_csv": storage.join(location, "trials.csv")})
-    best_row = finished[0]
+    best_row, ruled_out = select(finished, limits)
+    wanted = ", ".join(f"{c} <= {v:g}" for c, v in limits.items())
+    if best_row is None:
+        storage.publish(out, location)
+        raise IncompleteError(
+            f"no finished trial meets tune.select ({wanted}); see the cost columns of "
+            f"{storage.join(location, 'trials.csv')}",
+            {"trials": len(rows), "finished": len(finished), "select": limits,
+             "trials_csv": storage.join(location, "trials.csv")})
+    constraint_note = ""
+    if ruled_out:
+        constraint_note = "tune.select ruled out {} more accurate trial(s): {}".format(
+            finished.index(best_row), ", ".join(
+                f"{c} > {limits[c]:g} ({n})" for c, n in ruled_out.items()))
+        print(constraint_note, file=sys.stderr)
     summary = _best_bundle(by_id[best_row["trial_id"]], best_row, cfg, dataset, out)
 
     pages = out / "report"
@@ -187,6 +205,9 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
     report.trial_curves(_curves(by_id), {r["trial_id"]: r["stopped_by"] for r in rows},
                         best_row["trial_id"], pages / "trial_curves.png")
     report.leaderboard(finished, pages / "leaderboard.png")
+    latency = f"ms_per_image_b{cfg.tune.select.latency_batch}"
+    report.accuracy_vs_latency(finished, latency, pages / "accuracy_vs_latency.png",
+                               best_row["trial_id"], limits.get(latency))
     for plot in ("learning_curves", "confusion_matrix", "samples"):
         shutil.copy(out / "best" / "plots" / f"{plot}.png", pages / f"best_{plot}.png")
     epochs_total = int(table["epochs_run"].sum())
@@ -195,12 +216,15 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
                     f"{wall_s:.0f} s. Best trial <b>{html.escape(best_row['trial_id'])}</b>: "
                     f"validation accuracy {best_row['best_val_accuracy']:.4f}, test accuracy "
                     f"<b>{summary['test_accuracy']:.4f}</b> (test split used once, for the "
-                    "best model only).</p><p><a href='../trials.csv'>trials.csv</a> &middot; "
+                    f"best model only). {html.escape(constraint_note)}</p>"
+                    "<p><a href='../trials.csv'>trials.csv</a> &middot; "
                     "<a href='../best/metadata.json'>best/metadata.json</a> &middot; "
                     f"TensorBoard: <code>tensorboard --logdir "
                     f"{html.escape(experiment_dir(by_id))}</code></p>"),
         ("Trials: validation accuracy per epoch", "<img src='trial_curves.png'>"),
         ("Leaderboard", "<img src='leaderboard.png'>" + _leaderboard_html(rows)),
+        ("Accuracy against serving latency (Pareto front)",
+         "<img src='accuracy_vs_latency.png'>"),
         ("Best model: learning curves", "<img src='best_learning_curves.png'>"),
         ("Best model: confusion matrix (test)", "<img src='best_confusion_matrix.png'>"),
         ("Best model: sample test predictions", "<img src='best_samples.png'>"),
@@ -223,6 +247,8 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
         "bundle": storage.join(location, "best"), "trials": len(rows), "errored": errored,
         "infrastructure_failures": lost, "not_started": not_started,
         "epochs_total": epochs_total, "wall_s": round(wall_s, 1),
+        **({"select": limits, "ruled_out": ruled_out} if limits else {}),
+        **{column: best_row[column] for column in COST_COLUMNS},
     }
 
 

@@ -1,48 +1,113 @@
-"""ASHA with promotions, as a Ray Tune trial scheduler.
+"""The search's trial schedulers and all their bookkeeping (Ray Tune TrialSchedulers).
 
-Li et al., "A System for Massively Parallel Hyperparameter Tuning" (MLSys 2020), Algorithm 2.
-Rungs sit at grace_period * reduction_factor**k epochs, below max_epochs. A trial that reaches a
-rung is paused there (Tune keeps its checkpoint). Whenever a worker is free, a paused trial is
-promoted (resumed) when it ranks in the top 1/reduction_factor of every result recorded at its
-rung, best rung first; otherwise a new configuration starts. When nothing is left to start and
-nothing runs, the lowest rung holding paused trials is decided for good: its best go on (at least
-one), the rest stop.
+`PromotingASHA` is ASHA with promotions: Li et al., "A System for Massively Parallel
+Hyperparameter Tuning" (MLSys 2020), Algorithm 2. Rungs sit at grace_period * reduction_factor**k
+epochs, below max_epochs. A trial that reaches a rung is paused there (Tune keeps its
+checkpoint). Whenever a worker is free, a paused trial is promoted (resumed) when it ranks in the
+top 1/reduction_factor of every result recorded at its rung, best rung first; only then does a
+new configuration start. When nothing is left to start and nothing runs, the lowest rung holding
+paused trials is decided for good: its best go on (at least one), the rest stop.
 
 Ray's AsyncHyperBandScheduler decides instead at the moment a trial reaches a rung, against the
 trials that got there before it: the first few at each rung have nothing to beat and go on, so
 with a dozen trials and two workers most trials run far. Promotions spend a predictable budget:
 about n * grace + n/rf * (next rung - grace) + ... epochs for n configurations.
+
+Three things Tune would otherwise decide behind the scheduler's back:
+- Tune starts every PENDING trial by itself, first come first served, so a new configuration
+  could take the worker a due promotion should get. New trials are therefore parked as PAUSED
+  when they are added, and only `choose_trial_to_run` starts them.
+- Tune's and the searchers' concurrency limits count paused trials as live, so a limit of 2 would
+  decide each rung among 2 trials. The limit (`max_concurrent`) is applied here instead, to
+  trials that run or are about to.
+- Tune does not save a scheduler's state. The rung records live in a JSON file beside the
+  search's outputs, written on every change and read back when a search resumes.
+
+`RecordingASHA` is Ray's own asynchronous ASHA, noting which trials it stopped early in the same
+file, so trials.csv can say `stopped_by: asha` for both.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from clfsys.results import record_asha_stop
+from clfsys import storage
+
+STATE_FILE = "asha_state.json"
+
+
+def load_state(location: str) -> dict[str, Any]:
+    """The scheduler state saved at `location` (a STATE_FILE location); {} if there is none."""
+    try:
+        return json.loads(storage.read_text(location))
+    except storage.StorageError as exc:
+        if exc.not_found:
+            return {}
+        raise
+
+
+def asha_stops(location: str) -> dict[str, int]:
+    """Trial id -> the epoch at which ASHA stopped it, from the state at `location`."""
+    return {k: int(v) for k, v in load_state(location).get("stopped", {}).items()}
 
 
 class PromotingASHA(FIFOScheduler):
     """ASHA that pauses trials at rungs and promotes the top 1/reduction_factor."""
 
     def __init__(self, *, metric: str, mode: str, time_attr: str, max_t: int,
-                 grace_period: int, reduction_factor: int, stopped_log: str):
+                 grace_period: int, reduction_factor: int, state_file: str,
+                 max_concurrent: int | None = None):
         super().__init__()
         self.rank_metric, self.rank_mode, self.time_attr = metric, mode, time_attr
         self.rf = reduction_factor
+        self.max_concurrent = max_concurrent
         self.rungs: list[int] = []
         milestone = grace_period
         while milestone < max_t:
             self.rungs.append(milestone)
             milestone *= reduction_factor
+        self.state_file = state_file
         self.recorded: dict[int, dict[str, float]] = {r: {} for r in self.rungs}
-        self.promoted: dict[int, set[str]] = {r: set() for r in self.rungs}
+        self.promoted: dict[int, list[str]] = {r: [] for r in self.rungs}
         self.paused_at: dict[str, int] = {}  # trial id -> rung, while it waits there
-        self.stopped_log = stopped_log
+        self.stopped: dict[str, int] = {}  # trial id -> rung at which it was stopped
+        self.failed: set[str] = set()  # errored for good: never promoted
 
-    # --- results -------------------------------------------------------------------------
+    # --- state ---------------------------------------------------------------------------
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        # Tune calls this before it adds any trial, also when a search resumes; the rung
+        # records of the interrupted run are read back here.
+        saved = load_state(self.state_file)
+        if saved:
+            if saved["rungs"] != self.rungs:
+                raise ValueError(f"{self.state_file} holds rungs {saved['rungs']}, this search "
+                                 f"has {self.rungs}")
+            self.recorded = {r: dict(saved["recorded"][str(r)]) for r in self.rungs}
+            self.promoted = {r: list(saved["promoted"][str(r)]) for r in self.rungs}
+            self.paused_at = {k: int(v) for k, v in saved["paused_at"].items()}
+            self.stopped = {k: int(v) for k, v in saved["stopped"].items()}
+            self.failed = set(saved["failed"])
+        return True
+
+    def _save(self) -> None:
+        storage.write_text(self.state_file, json.dumps({
+            "rungs": self.rungs, "recorded": self.recorded, "promoted": self.promoted,
+            "paused_at": self.paused_at, "stopped": self.stopped,
+            "failed": sorted(self.failed)}, indent=1))
+
+    # --- trial events --------------------------------------------------------------------
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        # Tune reads the status after this call, so a trial parked here is never started by
+        # Tune itself (see the module docstring). Trials of a resumed search come back PENDING.
+        if trial.status == Trial.PENDING:
+            trial.set_status(Trial.PAUSED)
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict[str, Any]) -> str:
         milestone = result.get(self.time_attr)
@@ -53,54 +118,89 @@ class PromotingASHA(FIFOScheduler):
             return TrialScheduler.CONTINUE  # resumed from this rung
         self.recorded[milestone][trial.trial_id] = float(value)
         self.paused_at[trial.trial_id] = milestone
+        self._save()
         return TrialScheduler.PAUSE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict[str, Any]) -> None:
-        self.paused_at.pop(trial.trial_id, None)
+        if self.paused_at.pop(trial.trial_id, None) is not None:
+            self._save()
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
         self.paused_at.pop(trial.trial_id, None)
+        self.failed.add(trial.trial_id)
+        self._save()
 
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:
-        self.paused_at.pop(trial.trial_id, None)
+        if self.paused_at.pop(trial.trial_id, None) is not None:
+            self._save()
 
     # --- what runs next ------------------------------------------------------------------
 
     def _ranked(self, rung: int) -> list[str]:
-        """Trial ids recorded at `rung`, best first."""
+        """Trial ids recorded at `rung`, best first (ties: the first recorded first)."""
         values = self.recorded[rung]
         return sorted(values, key=values.__getitem__, reverse=self.rank_mode == "max")
 
     def _waiting(self, rung: int, trials: dict[str, Trial]) -> list[str]:
-        """Paused trials waiting at `rung` (promotion takes them out of paused_at), best
-        first."""
+        """Paused trials waiting at `rung`, best first."""
         return [t for t in self._ranked(rung) if self.paused_at.get(t) == rung
                 and t in trials and trials[t].status == Trial.PAUSED]
 
+    def _due(self, rung: int, trials: dict[str, Trial]) -> str | None:
+        """A trial waiting at `rung` that ranks in the top 1/rf of the results recorded there
+        while promotions are left; a trial that errored takes no place in the top."""
+        allowed = len(self.recorded[rung]) // self.rf
+        if len(self.promoted[rung]) >= allowed:
+            return None
+        top = [t for t in self._ranked(rung) if t not in self.failed][:allowed]
+        waiting = set(self._waiting(rung, trials))
+        return next((t for t in top if t in waiting), None)
+
+    def _capacity(self, tune_controller, trials: list[Trial]) -> int:
+        """How many trials may run at once: max_concurrent, or as many as the cluster's CPUs
+        and GPUs hold now (at least one, so an autoscaler sees demand)."""
+        if self.max_concurrent:
+            return self.max_concurrent
+        need = trials[0].placement_group_factory.required_resources if trials else {}
+        updater = tune_controller._resource_updater
+        have = {"CPU": updater.get_num_cpus(), "GPU": updater.get_num_gpus()}
+        fits = [math.floor(have[k] / need[k] + 1e-9) for k in have if need.get(k)]
+        return max(1, min(fits, default=1))
+
     def _promote(self, rung: int, trial: Trial) -> Trial:
-        self.promoted[rung].add(trial.trial_id)
+        self.promoted[rung].append(trial.trial_id)
         del self.paused_at[trial.trial_id]
+        self._save()
         return trial
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
-        trials = {t.trial_id: t for t in tune_controller.get_trials()}
-        for trial in trials.values():
-            # Paused but not waiting at a rung: promoted along with others when a rung was
-            # decided, or restored from an interrupted search. It goes on.
-            if trial.status == Trial.PAUSED and trial.trial_id not in self.paused_at:
-                return trial
-        for rung in reversed(self.rungs):
-            allowed = len(self.recorded[rung]) // self.rf
-            top = set(self._ranked(rung)[:allowed])
-            for trial_id in self._waiting(rung, trials):
-                if len(self.promoted[rung]) < allowed and trial_id in top:
-                    return self._promote(rung, trials[trial_id])
-        for trial in trials.values():
-            if trial.status == Trial.PENDING:
-                return trial
-        if any(t.status == Trial.RUNNING for t in trials.values()):
+        listed = tune_controller.get_trials()
+        trials = {t.trial_id: t for t in listed}
+        busy = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in listed)
+        parked = [t for t in listed if t.status == Trial.PAUSED and t.trial_id not in
+                  self.paused_at]
+        for trial in parked:
+            if trial.trial_id in self.stopped:  # a resumed search: stopped before the kill
+                tune_controller.stop_trial(trial)
+                return None
+        if busy >= self._capacity(tune_controller, listed):
             return None
-        # Nothing to start and nothing running: decide the lowest rung with waiting trials.
+        # 1. A trial with progress that is not waiting at a rung: promoted along with others
+        #    when a rung was decided, or interrupted mid-run. It goes on.
+        for trial in parked:
+            if trial.last_result.get(self.time_attr):
+                return trial
+        # 2. Due promotions, best rung first.
+        for rung in reversed(self.rungs):
+            trial_id = self._due(rung, trials)
+            if trial_id is not None:
+                return self._promote(rung, trials[trial_id])
+        # 3. A new configuration, in the order the searcher gave them.
+        if parked:
+            return min(parked, key=lambda t: t.trial_id)
+        if busy:
+            return None
+        # 4. Nothing to start and nothing running: decide the lowest rung with waiting trials.
         for rung in self.rungs:
             waiting = self._waiting(rung, trials)
             if not waiting:
@@ -117,10 +217,29 @@ class PromotingASHA(FIFOScheduler):
 
     def _stop(self, tune_controller, trial: Trial, rung: int) -> None:
         del self.paused_at[trial.trial_id]
-        record_asha_stop(self.stopped_log, trial.trial_id, rung)
+        self.stopped[trial.trial_id] = rung
+        self._save()
         tune_controller.stop_trial(trial)
 
     def debug_string(self) -> str:
         rungs = ", ".join(f"{r}: {len(self.recorded[r])} in, {len(self.promoted[r])} on"
                           for r in self.rungs)
         return f"ASHA with promotions (rungs at epochs {rungs})"
+
+
+class RecordingASHA(AsyncHyperBandScheduler):
+    """Ray's asynchronous ASHA, recording in `state_file` which trials it stopped before
+    max_t (for trials.csv)."""
+
+    def __init__(self, *, state_file: str, **kwargs):
+        super().__init__(**kwargs)
+        self.state_file = state_file
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        epoch = result.get(self._time_attr, self._max_t)
+        if action == TrialScheduler.STOP and epoch < self._max_t:
+            state = load_state(self.state_file)
+            state.setdefault("stopped", {})[trial.trial_id] = epoch
+            storage.write_text(self.state_file, json.dumps(state, indent=1))
+        return action

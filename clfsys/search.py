@@ -26,7 +26,6 @@ from clfsys import storage
 from clfsys.cluster import init_ray
 from clfsys.config import Config, from_dict
 from clfsys.errors import ConfigError, DataError
-from clfsys.results import ASHA_LOG, record_asha_stop
 from clfsys.space import Param, check_space, parse_space, trial_config
 
 EXPERIMENT = "search"
@@ -69,12 +68,21 @@ def _reporter_class():
                 self.model.save(best)
             with tempfile.TemporaryDirectory(prefix="clfsys-ckpt-") as folder:
                 self.model.save(Path(folder) / "model.keras")
+                if "cost" not in state:  # the architecture's serving cost, once per trial
+                    state["cost"] = self.serving_cost(Path(folder) / "model.keras")
                 shutil.copy(best, Path(folder) / "best.keras")
                 (Path(folder) / "state.json").write_text(json.dumps(state))
                 tune.report({
                     **logs, "epoch": epoch + 1, "best_val_accuracy": state["best_val_accuracy"],
-                    "keras_stopped": bool(self.model.stop_training), **_placement(),
+                    "keras_stopped": bool(self.model.stop_training), **state["cost"],
+                    **_placement(),
                 }, checkpoint=tune.Checkpoint.from_directory(folder))
+
+        def serving_cost(self, saved: Path) -> dict[str, Any]:
+            from clfsys.predict import serving_cost
+
+            cost = serving_cost(self.model, tuple(self.model.input_shape[1:]))
+            return {**cost, "model_mb": round(saved.stat().st_size / 1e6, 3)}
 
     return TuneReporter
 
@@ -135,8 +143,11 @@ def _trial(sample: dict[str, Any], base: dict, dataset, callbacks: Sequence[Any]
         return
     reporter = _reporter_class()(state, scratch)
     try:
+        # Early stopping's patience and the LR plateau's counter carry on across a pause at
+        # a rung: their state travels in state.json with the checkpoint.
         train(cfg, dataset=dataset, work_dir=tune.get_context().get_trial_dir(),
-              callbacks=[reporter, *callbacks], model=model, initial_epoch=state["epoch"])
+              callbacks=[reporter, *callbacks], model=model, initial_epoch=state["epoch"],
+              callback_state=state.setdefault("callbacks", {}))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -159,37 +170,29 @@ def _domain(param: Param):
 
 
 def _scheduler(cfg: Config, out: str):
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
-    if cfg.tune.scheduler == "none":
+    from clfsys.scheduler import STATE_FILE, PromotingASHA, RecordingASHA
+
+    t = cfg.tune
+    if t.scheduler == "none":
         return FIFOScheduler()
-    log = storage.join(out, ASHA_LOG)
-    max_epochs = cfg.tune.max_epochs
-    if cfg.tune.scheduler == "asha":
-        from clfsys.scheduler import PromotingASHA
-
+    state_file = storage.join(out, STATE_FILE)
+    if t.scheduler == "asha":
         return PromotingASHA(metric="best_val_accuracy", mode="max", time_attr="epoch",
-                             max_t=max_epochs, grace_period=cfg.tune.grace_period,
-                             reduction_factor=cfg.tune.reduction_factor, stopped_log=log)
-
-    class RecordingASHA(AsyncHyperBandScheduler):
-        """Ray's ASHA, recording which trials it stopped before max_epochs (for trials.csv)."""
-
-        def on_trial_result(self, tune_controller, trial, result):
-            action = super().on_trial_result(tune_controller, trial, result)
-            if action == TrialScheduler.STOP and result.get("epoch", max_epochs) < max_epochs:
-                record_asha_stop(log, trial.trial_id, result["epoch"])
-            return action
-
-    return RecordingASHA(time_attr="epoch", max_t=max_epochs,
-                         grace_period=cfg.tune.grace_period,
-                         reduction_factor=cfg.tune.reduction_factor)
+                             max_t=t.max_epochs, grace_period=t.grace_period,
+                             reduction_factor=t.reduction_factor, state_file=state_file,
+                             max_concurrent=t.max_concurrent_trials)
+    return RecordingASHA(time_attr="epoch", max_t=t.max_epochs, grace_period=t.grace_period,
+                         reduction_factor=t.reduction_factor, state_file=state_file)
 
 
 def _searcher(cfg: Config):
     """The search algorithm, with tune.max_concurrent_trials applied (Tune ignores its own
-    max_concurrent_trials when given a BasicVariantGenerator, so the limit lives here)."""
-    limit = cfg.tune.max_concurrent_trials
+    max_concurrent_trials when given a BasicVariantGenerator, so the limit lives here). Under
+    PromotingASHA the scheduler applies the limit instead: a searcher's limit counts trials
+    paused at a rung as running."""
+    limit = 0 if cfg.tune.scheduler == "asha" else cfg.tune.max_concurrent_trials
     if cfg.tune.searcher == "optuna":
         from optuna.samplers import TPESampler
         from ray.tune.search import ConcurrencyLimiter

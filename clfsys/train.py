@@ -56,6 +56,26 @@ def compile_model(model, cfg: TrainConfig) -> None:
                   metrics=["accuracy"])
 
 
+def training_callbacks(tc: TrainConfig, work_dir: str | Path | None = None) -> list[Any]:
+    """Early stopping, the LR plateau schedule (if configured) and, with a `work_dir`, the
+    best-model checkpoint: the callbacks whose counters `state_keeper` carries over a pause."""
+    import keras
+
+    patience = tc.patience if tc.early_stopping else tc.epochs
+    callbacks: list[Any] = [keras.callbacks.EarlyStopping(
+        monitor=tc.monitor, patience=patience, restore_best_weights=tc.restore_best_weights)]
+    if tc.lr_plateau_patience:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor=tc.monitor, factor=tc.lr_plateau_factor, patience=tc.lr_plateau_patience,
+            min_lr=tc.lr * 1e-3))
+    if work_dir is not None:
+        (Path(work_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            Path(work_dir) / "checkpoints" / "best.weights.h5", monitor=tc.monitor,
+            save_best_only=True, save_weights_only=True))
+    return callbacks
+
+
 def train(
     cfg: Config,
     *,
@@ -64,11 +84,15 @@ def train(
     callbacks: Sequence[Any] = (),
     model: Any = None,
     initial_epoch: int = 0,
+    callback_state: dict[str, dict] | None = None,
 ) -> TrainResult:
     """Train the configured model; returns it holding the weights of its best epoch.
 
     `work_dir` receives the best-model checkpoint (checkpoints/best.weights.h5) and TensorBoard
-    logs (logs/). `model` and `initial_epoch` continue a compiled model from a checkpoint.
+    logs (logs/). `model` and `initial_epoch` continue a compiled model from a checkpoint;
+    `callback_state` (see `state_keeper`) carries early stopping's and the LR schedule's
+    counters across such a pause: they are read from it first and written into it every epoch,
+    before any of `callbacks` runs.
     """
     import keras
 
@@ -80,22 +104,11 @@ def train(
         model = build_model(cfg.model, dataset.input_shape, len(dataset.class_names))
         compile_model(model, cfg.train)
     tc = cfg.train
-    patience = tc.patience if tc.early_stopping else tc.epochs
-    stopper = keras.callbacks.EarlyStopping(monitor=tc.monitor, patience=patience,
-                                            restore_best_weights=tc.restore_best_weights)
-    all_callbacks: list[Any] = [stopper]
-    if tc.lr_plateau_patience:
-        all_callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor=tc.monitor, factor=tc.lr_plateau_factor, patience=tc.lr_plateau_patience,
-            min_lr=tc.lr * 1e-3))
-    if work_dir is not None:
-        work = Path(work_dir)
-        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
-        all_callbacks.append(keras.callbacks.ModelCheckpoint(
-            work / "checkpoints" / "best.weights.h5", monitor=tc.monitor, save_best_only=True,
-            save_weights_only=True))
-        if tc.tensorboard:
-            all_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(work / "logs")))
+    stateful = training_callbacks(tc, work_dir)
+    all_callbacks = [*stateful, *([] if callback_state is None else
+                                  [state_keeper(stateful, callback_state)])]
+    if work_dir is not None and tc.tensorboard:
+        all_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(Path(work_dir) / "logs")))
     all_callbacks += list(callbacks)
     fit = model.fit(
         dataset.x_train, dataset.y_train, validation_data=(dataset.x_val, dataset.y_val),
@@ -114,6 +127,38 @@ def train(
                        epochs_run=epochs_run, best_epoch=best_epoch,
                        stopped_early=epochs_run < tc.epochs,
                        wall_s=time.perf_counter() - started, initial_epoch=initial_epoch)
+
+
+# What Keras's own callbacks count across epochs and reset in on_train_begin. The learning rate
+# that ReduceLROnPlateau lowered lives in the optimizer, which model.keras saves.
+RESUMABLE = {"EarlyStopping": ("wait", "best", "best_epoch", "stopped_epoch"),
+             "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
+             "ModelCheckpoint": ("best",)}
+
+
+def state_keeper(stateful: Sequence[Any], state: dict[str, dict]):
+    """A Keras callback, placed after `stateful` (callbacks named in RESUMABLE), that puts back
+    their counters from `state` once they have reset themselves at train begin, and copies them
+    into `state` (JSON-ready) after every epoch. EarlyStopping's in-memory best weights are not
+    kept: a resumed run restores the best weights only if it finds a better epoch itself."""
+    import keras
+
+    def plain(value: Any) -> Any:
+        return None if value is None else (int(value) if isinstance(value, int | np.integer)
+                                           else float(value))
+
+    class StateKeeper(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            for callback in stateful:
+                for key, value in state.get(type(callback).__name__, {}).items():
+                    setattr(callback, key, value)
+
+        def on_epoch_end(self, epoch, logs=None):
+            for callback in stateful:
+                name = type(callback).__name__
+                state[name] = {key: plain(getattr(callback, key)) for key in RESUMABLE[name]}
+
+    return StateKeeper()
 
 
 def predict_probs(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:

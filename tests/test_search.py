@@ -45,7 +45,7 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
         model.arch:
           cnn: {model.filters: {choice: [[4], [8]]}, model.dense: 16}
           mlp: {model.units: {choice: [[16], [32]]}}
-        """, **{"tune.num_samples": 8, "tune.max_concurrent_trials": 1,
+        """, **{"tune.num_samples": 8, "tune.max_concurrent_trials": 2,
                 "tune.grace_period": 1, "tune.reduction_factor": 2})
     out = tmp_path / "search"
     result = run_search(cfg, out)
@@ -73,13 +73,25 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
     stopped = sane[sane["asha_stopped"]]
     assert len(stopped) >= 1 and (stopped["epochs_run"] < 4).all()
     assert (stopped["stopped_by"] == "asha").all()
-    # ASHA with promotions (rungs at epochs 1 and 2): every sane trial is recorded at rung 1,
-    # at most half of them (at least one) go on, and a trial paused at a rung resumes from its
-    # checkpoint without repeating or skipping an epoch.
-    assert 1 <= (sane["epochs_run"] > 1).sum() <= max(1, len(sane) // 2)
-    assert (sane["epochs_run"] == 4).sum() >= 1
+    # ASHA with promotions (rungs at epochs 1 and 2), two trials at a time: every sane trial
+    # is recorded at rung 1 although the limit is 2, exactly half of each rung goes on, and a
+    # trial paused at a rung resumes from its checkpoint without repeating or skipping an epoch.
+    rungs = json.loads((out / "asha_state.json").read_text())
+    assert set(rungs["recorded"]["1"]) == set(sane["trial_id"])
+    assert len(rungs["promoted"]["1"]) == max(1, len(sane) // 2)
+    assert set(rungs["recorded"]["2"]) == set(rungs["promoted"]["1"]) == set(
+        sane.loc[sane["epochs_run"] > 1, "trial_id"])
+    assert set(rungs["promoted"]["2"]) == set(sane.loc[sane["epochs_run"] == 4, "trial_id"])
+    assert len(rungs["promoted"]["2"]) == max(1, len(rungs["recorded"]["2"]) // 2)
     for _, row in sane.iterrows():
         assert epochs_reported(row["path"]) == list(range(1, row["epochs_run"] + 1))
+        # Early stopping's counters carried on across each pause: they match the whole curve.
+        state = json.loads(next(Path(row["path"]).glob("checkpoint_*/state.json")).read_text())
+        losses = state["history"]["val_loss"]
+        stopper = state["callbacks"]["EarlyStopping"]
+        assert len(losses) == row["epochs_run"]
+        assert stopper["best"] == pytest.approx(min(losses))
+        assert stopper["wait"] == len(losses) - 1 - losses.index(min(losses))
 
     best = sane.sort_values("best_val_accuracy", ascending=False).iloc[0]
     assert result["best_trial"] == best["trial_id"]
@@ -242,14 +254,20 @@ def test_optuna_runs_end_to_end_and_a_seed_repeats_its_configurations(tmp_path):
     """Conditional parameters used to be named <arch>/<key>, which Tune flattens on: Optuna
     failed at once ("Found delimiter `/` in key")."""
     folder = write_folder(tmp_path / "images", per_class=10, size=16)
-    runs = []
+    runs, largest = [], 0
     for run in range(2):
         cfg = search_config(folder, CONDITIONAL, **{
             "tune.searcher": "optuna", "tune.num_samples": 3, "tune.max_epochs": 1,
             "tune.grace_period": 1,
             "tune.scheduler": "none", "tune.max_concurrent_trials": 1, "tune.seed": 3})
+        if run == 1:  # the same trials again, now the largest model is not allowed
+            cfg = cfg.replace(**{"tune.select.max_params": largest - 1})
         result = run_search(cfg, tmp_path / f"run{run}")
         table = pd.read_csv(tmp_path / f"run{run}" / "trials.csv")
+        # Every trial measured what its model costs to serve.
+        assert (table[["ms_per_image_b1", "ms_per_image_b32", "model_mb"]] > 0).all().all()
+        assert (table["params"] > 0).all() and table["params"].nunique() == 3
+        largest = int(table["params"].max())
         assert len(table) == 3 and (table["status"] == "TERMINATED").all(), table.to_string()
         assert result["trials"] == 3
         for _, row in table.iterrows():  # each trial carries its own architecture's parameter
@@ -257,6 +275,18 @@ def test_optuna_runs_end_to_end_and_a_seed_repeats_its_configurations(tmp_path):
                 "param.model.units"
             assert pd.notna(row[own]), row.to_dict()
         runs.append(sampled_points(table))
+    # Selection under tune.select: the most accurate trial within the limit.
+    limit = cfg.tune.select.max_params
+    ranked = table.sort_values("best_val_accuracy", ascending=False, kind="stable")
+    allowed = ranked[ranked["params"] <= limit]
+    assert (table["meets_select"] == (table["params"] <= limit)).all()
+    assert result["best_trial"] == allowed.iloc[0]["trial_id"]
+    ahead = ranked.index.get_loc(allowed.index[0])
+    assert result["ruled_out"] == ({"params": ahead} if ahead else {})
+    assert result["params"] == allowed.iloc[0]["params"]
+    page = (tmp_path / "run1" / "report" / "index.html").read_text()
+    assert "accuracy_vs_latency.png" in page
+    assert (tmp_path / "run1" / "report" / "accuracy_vs_latency.png").stat().st_size > 5000
     assert runs[0] == runs[1]
     assert len(set(runs[0])) == 3  # three different points, not one fixed point
 
