@@ -7,6 +7,10 @@
    and best validation accuracy of each. Keras early stopping is off in both, so the difference
    is ASHA's alone. The space is the issue's: architectures (the tutorials' MLP and CNN, the
    batch-norm and wide CNNs), learning rate, optimizer, batch size, dropout, augmentation.
+3. selection: the trials of the quality search (or, with --part selection/efficiency, of the
+   ASHA run above) selected again with tune.select.max_latency_ms at half the latency of the
+   most accurate trial: the accuracy given up and the latency gained, the constrained best
+   bundle evaluated on the test split like any best bundle.
 """
 
 from __future__ import annotations
@@ -104,9 +108,63 @@ def efficiency(args) -> dict:
                            for k, v in runs.items()}}
 
 
+def reselect(search_out: Path, overrides: dict, out: Path) -> dict:
+    """Select again among the trials of the search written to `search_out`, with
+    `overrides` (tune.select...): the outputs, best bundle included, go to `out`."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from clfsys import data as data_mod
+    from clfsys.config import load_config
+    from clfsys.results import write_outputs
+    from clfsys.scheduler import STATE_FILE
+
+    cfg = load_config("jobs/fashion_mnist.yaml", ["train.tensorboard=false"]).replace(
+        **overrides)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if (search_out / STATE_FILE).exists():
+        shutil.copy(search_out / STATE_FILE, out / STATE_FILE)
+    grid = ResultGrid(ExperimentAnalysis(str(search_out / "ray" / "search")))
+    return write_outputs(grid, cfg, data_mod.load(cfg.data), str(out), out, wall_s=0.0)
+
+
+def selection(args, search_out: Path, overrides: dict) -> dict:
+    import pandas as pd
+
+    table = pd.read_csv(search_out / "trials.csv")
+    finished = table[table["status"] == "TERMINATED"].sort_values(
+        "best_val_accuracy", ascending=False, kind="stable")
+    top = finished.iloc[0]
+    limit = round(float(top["ms_per_image_b1"]) / 2, 4)
+    free = json.loads((search_out / "best" / "metadata.json").read_text())["metrics"]
+    picked = reselect(search_out, {**overrides, "tune.select.max_latency_ms": limit},
+                      Path(args.out) / "selection")
+    chosen = table[table["trial_id"] == picked["best_trial"]].iloc[0]
+    print(f"\n## Serving-aware selection: tune.select.max_latency_ms = {limit} (half the "
+          f"most accurate trial's {top['ms_per_image_b1']} ms per image at batch 1)")
+    print("| selection      | trial        | arch      | val acc | test acc | ms/img b1 | "
+          "ms/img b32 | params   |")
+    print("|----------------|--------------|-----------|---------|----------|-----------|"
+          "------------|----------|")
+    for name, row, test in (("accuracy only", top, free["test_accuracy"]),
+                            ("within limit", chosen, picked["test_accuracy"])):
+        print(f"| {name:<14} | {row['trial_id']:<12} | {str(row['param.model.arch']):<9} | "
+              f"{row['best_val_accuracy']:.4f} | {test:>8.4f} | {row['ms_per_image_b1']:>9} | "
+              f"{row['ms_per_image_b32']:>10} | {int(row['params']):>8} |")
+    val_lost = 100 * (top["best_val_accuracy"] - chosen["best_val_accuracy"])
+    test_lost = 100 * (free["test_accuracy"] - picked["test_accuracy"])
+    print(f"given up: {val_lost:.2f} points of validation accuracy, {test_lost:.2f} "
+          f"of test accuracy; gained: {top['ms_per_image_b1'] / chosen['ms_per_image_b1']:.1f}x "
+          f"lower latency at batch 1; ruled out: {picked.get('ruled_out')}")
+    return {"selection": {"limit_ms": limit, "accuracy_only": top["trial_id"],
+                          "within_limit": picked}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", choices=["quality", "efficiency", "all"], default="all")
+    parser.add_argument("--part", choices=["quality", "efficiency", "selection", "all"],
+                        default="all", help="selection runs after quality, or alone after "
+                        "a finished efficiency run")
     parser.add_argument("--budget", type=float, default=1800.0, help="quality: seconds")
     parser.add_argument("--max-epochs", type=int, default=12, help="efficiency: epochs")
     parser.add_argument("--grace-period", type=int, default=2, help="efficiency: ASHA")
@@ -119,6 +177,11 @@ def main() -> None:
         results.update(quality(args))
     if args.part in ("efficiency", "all"):
         results.update(efficiency(args))
+    if args.part in ("quality", "all"):
+        results.update(selection(args, Path(args.out) / "quality",
+                                 {"tune.time_budget_s": args.budget}))
+    elif args.part in ("efficiency", "selection"):
+        results.update(selection(args, Path(args.out) / "b", {"data.limit": 10000}))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2, default=str))
 

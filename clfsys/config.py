@@ -221,6 +221,22 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    """Experiment tracking in MLflow (needs `pip install 'clfsys[mlflow]'`)."""
+
+    enabled: bool = False
+    """Log the search as a parent run, each trial as a child run, the best bundle as artifacts."""
+    tracking_uri: str | None = None
+    """Tracking server or store; default sqlite:///<out>/mlflow.db (a local --out only)."""
+    experiment: str = "clfsys"
+    """MLflow experiment name."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment), "tune.mlflow.experiment", "must not be empty",
+               self.experiment)
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """Architecture / learning-rate search on Ray Tune (`clfsys tune`)."""
 
@@ -256,6 +272,7 @@ class TuneConfig:
     """Declare a local tune.storage_path shared by every node (an NFS mount); without it, a
     local path is refused on a cluster of more than one node."""
     select: SelectConfig = field(default_factory=SelectConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
         _check(self.searcher in SEARCHERS, "tune.searcher", f"must be one of {list(SEARCHERS)}",

@@ -265,6 +265,11 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     started = time.perf_counter()
     dataset = data_mod.load(cfg.data)
     print(f"data: {dataset.summary()}", file=sys.stderr)
+    tracking = None
+    if cfg.tune.mlflow.enabled:
+        from clfsys.tracking import SearchRun
+
+        tracking = SearchRun(cfg, out, path)
     init_ray()
     check_storage_reaches_every_node(cfg, path)
     resources = {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu}
@@ -288,10 +293,19 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 # TensorBoard logs and other files of each trial reach the storage too.
-                sync_config=tune.SyncConfig(sync_artifacts=True), verbose=1),
+                sync_config=tune.SyncConfig(sync_artifacts=True), verbose=1,
+                callbacks=[tracking.callback()] if tracking else None),
         )
     grid = tuner.fit()
     from clfsys.results import write_outputs
 
-    return write_outputs(grid, cfg, dataset, out, staging,
-                         wall_s=time.perf_counter() - started)
+    try:
+        result = write_outputs(grid, cfg, dataset, out, staging,
+                               wall_s=time.perf_counter() - started)
+    except Exception:
+        if tracking:
+            tracking.fail()
+        raise
+    if tracking:
+        tracking.finish(result)
+    return result

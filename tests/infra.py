@@ -260,9 +260,10 @@ class Command:
             time.sleep(0.5)
         raise AssertionError(self.tail())
 
-    def stop(self) -> dict:
-        """SIGTERM to the command alone; its exit code must be 0 and its last line JSON."""
-        self.process.send_signal(signal.SIGTERM)
+    def stop(self, sig: int = signal.SIGTERM) -> dict:
+        """`sig` (SIGTERM, or SIGINT as Ctrl-C sends) to the command alone; its exit code must
+        be 0 and its last line JSON."""
+        self.process.send_signal(sig)
         stdout, _ = self.process.communicate(timeout=180)
         assert self.process.returncode == 0, self.tail()
         return json.loads(stdout.strip().splitlines()[-1])

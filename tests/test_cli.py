@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, needs_fashion_mnist, write_folder
+from conftest import ROOT, needs_fashion_mnist, write_folder
 
 
 def clfsys(*args, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -96,40 +96,6 @@ def test_export_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_until_ctrl_c(trained_bundle, tmp_path):
-    import signal
-    import time
-
-    import requests
-
-    port = free_port()
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "SERVE_TOKEN": "t0ken"}
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "clfsys.cli", "serve", "--model", str(trained_bundle),
-         "--port", str(port), "--auth-token-env", "SERVE_TOKEN"], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and server.poll() is None:
-            if f"at {url}" in (tmp_path / "serve.log").read_text():  # the "listening" line
-                break
-            time.sleep(0.5)
-        assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
-        meta = requests.get(f"{url}/metadata", headers={"Authorization": "Bearer t0ken"},
-                            timeout=30)
-        assert meta.json()["classes"] == ["left", "right", "top"]
-        server.send_signal(signal.SIGINT)
-        stdout, _ = server.communicate(timeout=120)
-        assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-2000:]
-        assert json.loads(stdout)["url"] == url
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-
-
 def test_serve_without_its_token_variable_is_a_user_error(trained_bundle):
     env_free = clfsys("serve", "--model", trained_bundle, "--auth-token-env", "NO_SUCH_VAR_X")
     assert_user_error(env_free, "--auth-token-env NO_SUCH_VAR_X")

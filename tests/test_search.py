@@ -179,19 +179,48 @@ class FailOnce:
         return _Fail()
 
 
-def test_failed_trial_is_retried_from_its_checkpoint(tmp_path):
+def test_failed_trial_is_retried_from_its_checkpoint_and_tracked_in_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
     folder = write_folder(tmp_path / "images", per_class=10, size=16)
-    cfg = search_config(folder, "train.lr: 0.02", **{
-        "tune.num_samples": 1, "tune.scheduler": "none", "tune.max_failures": 1})
+    cfg = search_config(folder, "train.lr: {choice: [0.02, 0.03]}", **{
+        "tune.num_samples": 2, "tune.scheduler": "none", "tune.max_failures": 1,
+        "tune.mlflow.enabled": True})
     marker = tmp_path / "failed.txt"
-    run_search(cfg, tmp_path / "out", callbacks=[FailOnce(marker, epoch=2)])
+    result = run_search(cfg, tmp_path / "out", callbacks=[FailOnce(marker, epoch=2)])
     assert marker.exists()
-    row = pd.read_csv(tmp_path / "out" / "trials.csv").iloc[0]
-    assert row["status"] == "TERMINATED" and row["epochs_run"] == 4
+    table = pd.read_csv(tmp_path / "out" / "trials.csv")
+    assert (table["status"] == "TERMINATED").all() and (table["epochs_run"] == 4).all()
     # Epochs 1-2 ran, the failure hit epoch 3, the retry resumed at epoch 3: nothing repeated.
-    assert epochs_reported(row["path"]) == [1, 2, 3, 4]
+    for path in table["path"]:
+        assert epochs_reported(path) == [1, 2, 3, 4]
     history = json.loads((tmp_path / "out" / "best" / "history.json").read_text())
     assert len(history["loss"]) == 4
+
+    # MLflow, read back with its own client: the search is a parent run holding the result
+    # and the best bundle; each trial a child run with its parameter and metrics per epoch.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("clfsys")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == \
+        result["best_trial"]
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "best")}
+    assert {"best/model.keras", "best/metadata.json"} <= logged
+    by_trial = {r.data.tags["clfsys.trial_id"]: r for r in children}
+    assert set(by_trial) == set(table["trial_id"])
+    for _, row in table.iterrows():
+        run = by_trial[row["trial_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["train.lr"]) == row["param.train.lr"]
+        curve = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in curve) == [1, 2, 3, 4]
+        assert max(m.value for m in curve) == pytest.approx(row["best_val_accuracy"])
 
 
 def test_bad_space_fails_before_ray_starts(tmp_path):
