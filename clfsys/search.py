@@ -24,7 +24,7 @@ from typing import Any
 from clfsys import data as data_mod
 from clfsys import storage
 from clfsys.cluster import init_ray
-from clfsys.config import Config, from_dict
+from clfsys.config import Config
 from clfsys.errors import ConfigError, DataError
 from clfsys.space import Param, check_space, parse_space, trial_config
 
@@ -109,17 +109,18 @@ def _configure_tensorflow(cpus: float) -> None:
     configure_gpu_memory_growth()
 
 
-def _trial(sample: dict[str, Any], base: dict, dataset, callbacks: Sequence[Any] = ()) -> None:
+def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[Any] = ()) -> None:
+    """One trial. `base` is the search's Config, already set to train for tune.max_epochs
+    quietly; `sample` is the dict Tune sampled from the search space (Tune's searchers and
+    schedulers work on dicts), turned into this trial's Config once."""
     import keras
     from ray import tune
 
     from clfsys.train import train
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    base_cfg = from_dict(base)
-    cfg = trial_config(base_cfg, sample).replace(**{
-        "train.epochs": base_cfg.tune.max_epochs, "train.verbose": 0})
-    _configure_tensorflow(base_cfg.tune.resources.cpu)
+    cfg = trial_config(base, sample)
+    _configure_tensorflow(cfg.tune.resources.cpu)
     scratch = Path(tempfile.mkdtemp(prefix="clfsys-trial-"))
     state: dict[str, Any] = {"epoch": 0, "history": {}, "best_val_accuracy": None,
                              "best_epoch": 0}
@@ -273,9 +274,10 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     init_ray()
     check_storage_reaches_every_node(cfg, path)
     resources = {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu}
+    base = cfg.replace(**{"train.epochs": cfg.tune.max_epochs, "train.verbose": 0})
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), dataset=dataset,
-                             callbacks=list(callbacks)), resources)
+        tune.with_parameters(_trial, base=base, dataset=dataset, callbacks=list(callbacks)),
+        resources)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)

@@ -86,7 +86,8 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
     for _, row in sane.iterrows():
         assert epochs_reported(row["path"]) == list(range(1, row["epochs_run"] + 1))
         # Early stopping's counters carried on across each pause: they match the whole curve.
-        state = json.loads(next(Path(row["path"]).glob("checkpoint_*/state.json")).read_text())
+        latest = sorted(Path(row["path"]).glob("checkpoint_*/state.json"))[-1]
+        state = json.loads(latest.read_text())
         losses = state["history"]["val_loss"]
         stopper = state["callbacks"]["EarlyStopping"]
         assert len(losses) == row["epochs_run"]
