@@ -80,7 +80,7 @@ class ModelConfig:
     """The architecture and its parameters; unset parameters take the architecture's default."""
 
     arch: str = "cnn"
-    """Registered architecture: mlp, cnn, cnn_bn, cnn_wide."""
+    """Registered architecture: mlp, cnn, cnn_bn, cnn_vgg, cnn_wide."""
     units: list[int] | None = None
     """mlp: hidden layer widths."""
     filters: list[int] | None = None
