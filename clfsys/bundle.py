@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from clfsys import storage
+from clfsys.config import RESIZE_MODES
 from clfsys.errors import BundleError
 
 FORMAT = "clfsys-bundle"
@@ -41,10 +42,13 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 
 
-def content_hash(model, class_names: list[str], input_shape, color_mode: str) -> str:
-    """sha256 of the weights and the input/output description; the first 16 hex digits."""
+def content_hash(model, class_names: list[str], input_shape, color_mode: str,
+                 resize: str = "stretch") -> str:
+    """sha256 of the weights and the input/output description; the first 16 hex digits.
+    (`resize` counts only when not the default, so bundles from before it keep their id.)"""
     digest = hashlib.sha256()
-    digest.update(json.dumps([list(class_names), list(input_shape), color_mode]).encode())
+    described = [list(class_names), list(input_shape), color_mode]
+    digest.update(json.dumps(described + ([resize] if resize != "stretch" else [])).encode())
     for weight in model.get_weights():
         array = np.ascontiguousarray(weight)
         digest.update(str(array.shape).encode())
@@ -55,6 +59,7 @@ def content_hash(model, class_names: list[str], input_shape, color_mode: str) ->
 def save(
     out_dir: str | Path, model, *, class_names: list[str], color_mode: str, config: dict,
     metrics: dict, history: dict | None = None, extra: dict | None = None,
+    resize: str = "stretch",
 ) -> dict[str, Any]:
     """Write `model` and its description to `out_dir`; returns the metadata written."""
     import keras
@@ -71,11 +76,12 @@ def save(
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_id": content_hash(model, class_names, input_shape, color_mode),
+        "model_id": content_hash(model, class_names, input_shape, color_mode, resize),
         "model_file_sha256": file_sha256,
         "class_names": list(class_names),
         "input_shape": input_shape,
         "color_mode": color_mode,
+        "resize": resize,
         "input_dtype": "uint8",
         "config": config,
         "metrics": metrics,
@@ -125,6 +131,12 @@ class Bundle:
         return self.metadata["color_mode"]
 
     @property
+    def resize(self) -> str:
+        """How images reach the input size (config.RESIZE_MODES); bundles from before the
+        choice stretched."""
+        return self.metadata.get("resize", "stretch")
+
+    @property
     def image_size(self) -> tuple[int, int]:
         return self.input_shape[0], self.input_shape[1]
 
@@ -151,7 +163,8 @@ class Bundle:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"{file}: cannot load the model (corrupt or unsafe): "
                               f"{first[:300]}") from None
-        found = content_hash(model, self.class_names, self.input_shape, self.color_mode)
+        found = content_hash(model, self.class_names, self.input_shape, self.color_mode,
+                             self.resize)
         if found != self.model_id:
             raise BundleError(f"{file}: weights do not match metadata model_id {self.model_id} "
                               f"(found {found}); the bundle is corrupt or was altered")
@@ -200,6 +213,9 @@ def _check_metadata(text: str, location: str) -> dict[str, Any]:
     for key in ("model_id", "class_names", "input_shape", "color_mode"):
         if key not in metadata:
             raise BundleError(f"{meta_file}: missing field {key!r}")
+    if metadata.get("resize", "stretch") not in RESIZE_MODES:
+        raise BundleError(f"{meta_file}: field 'resize' must be one of {list(RESIZE_MODES)}, "
+                          f"got {metadata['resize']!r}")
     return metadata
 
 

@@ -61,7 +61,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         cfg = from_dict(found.metadata.get("config"))
         if args.overrides:
             cfg = cfg.replace(**dict(parse_override(o) for o in args.overrides))
-    ds = data.load(cfg.data)
+    # Only the test split is decoded, the way the bundle's consumers decode images.
+    ds = data.load(cfg.replace(**{"data.resize": found.resize}).data, test_only=True)
     if ds.input_shape != found.input_shape:
         raise DataError(f"test images are {ds.input_shape}, the model {args.model} expects "
                         f"{found.input_shape}")

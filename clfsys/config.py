@@ -20,6 +20,9 @@ from clfsys.errors import ConfigError
 
 DATASETS = ("fashion_mnist", "csv", "folder")
 COLOR_MODES = ("grayscale", "rgb")
+RESIZE_MODES = ("stretch", "pad", "crop")
+"""stretch: resize to the input size, aspect ratio lost; pad: fit inside it, aspect ratio kept,
+centred on black borders; crop: fill it, aspect ratio kept, the centre cropped."""
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MONITORS = ("val_loss", "val_accuracy")
 
@@ -46,12 +49,16 @@ class DataConfig:
     """Folder images are resized to [height, width]."""
     color_mode: str = "rgb"
     """Folder images are converted to rgb or grayscale."""
+    resize: str = "stretch"
+    """How images reach image_size: stretch, or keep the aspect ratio with pad (black borders)
+    or crop (the centre). The bundle records it, so labelling and serving do the same."""
     val_fraction: float = 0.1
     """Stratified fraction of the training data used for validation (model selection)."""
     test_fraction: float = 0.2
     """Stratified fraction held out as the test split when there is no `test_path`."""
     limit: int | None = None
-    """Train on the first N training examples only (quick runs)."""
+    """Train on a stratified, seeded sample of N examples of the training pool (quick runs);
+    folders decode only the sampled files."""
     skip_corrupt: bool = False
     """Folders: skip undecodable images and count them, instead of stopping with the file's name."""
     seed: int = 0
@@ -67,6 +74,8 @@ class DataConfig:
                "data.image_size", "must be [height, width] with positive sizes", self.image_size)
         _check(self.color_mode in COLOR_MODES, "data.color_mode",
                f"must be one of {list(COLOR_MODES)}", self.color_mode)
+        _check(self.resize in RESIZE_MODES, "data.resize", f"must be one of {list(RESIZE_MODES)}",
+               self.resize)
         _check(0 < self.val_fraction < 1, "data.val_fraction", "must be in (0, 1)",
                self.val_fraction)
         _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)",

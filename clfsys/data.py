@@ -2,8 +2,9 @@
 
 Splits are stratified and seeded. The test split is the dataset's own (Fashion-MNIST's test set,
 `data.test_path`) or a stratified `data.test_fraction` of the data; it is never used for training
-or model selection. `data.limit` caps the training pool (train + validation) to its first N
-examples.
+or model selection. `data.limit` caps the training pool (train + validation) to a stratified,
+seeded sample of N examples. Folders are listed and split by file first, so only the files of the
+splits asked for are decoded.
 """
 
 from __future__ import annotations
@@ -87,12 +88,44 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return kept_idx, held_idx
 
 
-def load(cfg: DataConfig) -> Dataset:
-    """Load the configured dataset and split it into train / validation / test."""
-    pools = _load_pools(cfg)
+def stratified_sample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of `n` of `y`'s examples, every class in proportion
+    (largest remainders), and every class at least once when `n` allows."""
+    if n >= len(y):
+        return np.arange(len(y))
+    labels, counts = np.unique(y, return_counts=True)
+    exact = counts * n / len(y)
+    quota = np.floor(exact).astype(np.int64)
+    if n >= len(labels):
+        quota = np.maximum(quota, 1)
+    while quota.sum() < n:
+        room = np.where(quota < counts, exact - quota, -np.inf)
+        quota[int(np.argmax(room))] += 1
+    while quota.sum() > n:
+        spare = np.where(quota > 1, exact - quota, np.inf)
+        quota[int(np.argmin(spare))] -= 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(y == label))[:k]
+              for label, k in zip(labels, quota, strict=True)]
+    return np.sort(np.concatenate(picked))
+
+
+def _limit(cfg: DataConfig, y: np.ndarray) -> np.ndarray:
+    """Indices of the training pool that `data.limit` keeps."""
+    return (np.arange(len(y)) if cfg.limit is None
+            else stratified_sample(y, cfg.limit, cfg.seed + 2))
+
+
+def load(cfg: DataConfig, *, test_only: bool = False) -> Dataset:
+    """Load the configured dataset and split it into train / validation / test. With
+    `test_only`, the training and validation splits are empty (folders decode no training
+    file)."""
+    pools = _load_pools(cfg, test_only)
+    if test_only:
+        empty_x, empty_y = pools.x_test[:0], pools.y_test[:0]
+        return Dataset(empty_x, empty_y, empty_x, empty_y, pools.x_test, pools.y_test,
+                       pools.class_names, pools.color_mode, pools.skipped)
     x, y = pools.x, pools.y
-    if cfg.limit is not None:
-        x, y = x[: cfg.limit], y[: cfg.limit]
     if len(np.unique(y)) < 2:
         raise DataError(f"{_describe(cfg)}: the training data has fewer than 2 classes")
     train_idx, val_idx = stratified_split(y, cfg.val_fraction, cfg.seed)
@@ -110,12 +143,14 @@ def _describe(cfg: DataConfig) -> str:
     return cfg.path if cfg.path else cfg.dataset
 
 
-def _load_pools(cfg: DataConfig) -> _Pools:
-    if cfg.dataset == "fashion_mnist":
-        return _fashion_mnist()
-    if cfg.dataset == "csv":
-        return _csv_pools(cfg)
-    return _folder_pools(cfg)
+def _load_pools(cfg: DataConfig, test_only: bool = False) -> _Pools:
+    """The training pool, cut to `data.limit`, and the test split."""
+    if cfg.dataset == "folder":
+        return _folder_pools(cfg, test_only)
+    pools = _fashion_mnist() if cfg.dataset == "fashion_mnist" else _csv_pools(cfg)
+    keep = _limit(cfg, pools.y)
+    pools.x, pools.y = pools.x[keep], pools.y[keep]
+    return pools
 
 
 # --- Fashion-MNIST ---------------------------------------------------------------------------
@@ -208,13 +243,14 @@ def _image_files(folder: str) -> list[str]:
     return [f for f in storage.list_files(folder) if images.is_image_path(f)]
 
 
-def _decode_file(path: str, size: tuple[int, int], color_mode: str) -> np.ndarray:
-    return images.decode(storage.retrying(lambda: storage.read_bytes(path)), size, color_mode)
+def _decode_file(path: str, size: tuple[int, int], cfg: DataConfig) -> np.ndarray:
+    return images.decode(storage.retrying(lambda: storage.read_bytes(path)), size,
+                         cfg.color_mode, resize=cfg.resize)
 
 
-def _read_folder(
-    root: str, class_names: list[str] | None, cfg: DataConfig
-) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]]]:
+def _list_folder(root: str, class_names: list[str] | None
+                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(files, labels, class names) of a folder of class subfolders, in class order."""
     folders = _class_folders(root)
     names = [storage.name(f) for f in folders]
     if class_names is not None:
@@ -230,6 +266,15 @@ def _read_folder(
             raise DataError(f"class folder has no images: {folder}")
         files += found
         labels += [(class_names or names).index(folder_name)] * len(found)
+    return np.asarray(files, dtype=object), np.asarray(labels, dtype=np.int64), \
+        class_names or names
+
+
+def _decode_files(
+    files: np.ndarray, y: np.ndarray, cfg: DataConfig, root: str
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Decode `files` (4 threads); undecodable ones stop the load naming the file, or with
+    data.skip_corrupt are skipped and listed."""
     size = (cfg.image_size[0], cfg.image_size[1])
     shape = (*size, 1 if cfg.color_mode == "grayscale" else 3)
     x = np.zeros((len(files), *shape), dtype=np.uint8)
@@ -238,7 +283,7 @@ def _read_folder(
 
     def work(i: int) -> tuple[int, images.ImageError | None]:
         try:
-            x[i] = _decode_file(files[i], size, cfg.color_mode)
+            x[i] = _decode_file(files[i], size, cfg)
             return i, None
         except images.ImageError as exc:
             return i, exc
@@ -255,19 +300,27 @@ def _read_folder(
                 print(f"skipping {files[i]}: {err}", file=sys.stderr)
             if show_progress and (done % 2000 == 0 or done == len(files)):
                 print(f"decoded {done}/{len(files)} images from {root}", file=sys.stderr)
-    y = np.asarray(labels, dtype=np.int64)
-    return x[ok], y[ok], class_names or names, skipped
+    return x[ok], y[ok], skipped
 
 
-def _folder_pools(cfg: DataConfig) -> _Pools:
-    x, y, names, skipped = _read_folder(storage.normalize(cfg.path), None, cfg)
+def _folder_pools(cfg: DataConfig, test_only: bool = False) -> _Pools:
+    root = storage.normalize(cfg.path)
+    files, y, names = _list_folder(root, None)
     if cfg.test_path:
-        x_test, y_test, _, skipped_test = _read_folder(storage.normalize(cfg.test_path), names,
-                                                       cfg)
-        skipped += skipped_test
+        test_root = storage.normalize(cfg.test_path)
+        test_files, y_test, _ = _list_folder(test_root, names)
     else:
+        test_root = root
         keep, held = stratified_split(y, cfg.test_fraction, cfg.seed + 1)
-        x, y, x_test, y_test = x[keep], y[keep], x[held], y[held]
+        files, y, test_files, y_test = files[keep], y[keep], files[held], y[held]
+    keep = _limit(cfg, y)
+    files, y = files[keep], y[keep]
+    x_test, y_test, skipped = _decode_files(test_files, y_test, cfg, test_root)
+    if test_only:
+        x, y = x_test[:0], y_test[:0]
+    else:
+        x, y, skipped_train = _decode_files(files, y, cfg, root)
+        skipped = skipped_train + skipped
     return _Pools(x, y, x_test, y_test, names, cfg.color_mode, skipped)
 
 

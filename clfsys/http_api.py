@@ -70,6 +70,8 @@ class Metadata(BaseModel):
     classes: list[str]
     input_shape: list[int]
     color_mode: str
+    resize: str = Field(description="How uploaded images reach input_shape: stretch, pad "
+                        "(aspect ratio kept, black borders) or crop (aspect ratio kept, centre)")
     test_metrics: TestMetrics
     max_batch_size: int
 
@@ -563,6 +565,7 @@ def build_api(backend: Backend, limits: Limits, token_sha256: str | None = None,
         test = meta.get("metrics", {})
         return {"name": name, "model_id": backend.model_id, "classes": backend.class_names,
                 "input_shape": list(backend.input_shape), "color_mode": meta["color_mode"],
+                "resize": meta.get("resize", "stretch"),
                 "test_metrics": {"accuracy": test.get("test_accuracy"),
                                  "loss": test.get("test_loss")},
                 "max_batch_size": backend.max_batch_size}

@@ -2,8 +2,9 @@
 
 Used by training on folders, by labelling and by the HTTP endpoint, so all three see exactly the
 same pixels. Decoding honours EXIF orientation, takes the first frame of animations, converts
-CMYK / 16-bit / palette / transparent images to the model's colour mode and resizes to the model's
-input size. Failures raise `ImageError` whose `kind` is one of ERROR_KINDS.
+CMYK / 16-bit / palette / transparent images to the model's colour mode and brings them to the
+model's input size in one of RESIZE_MODES (the bundle records which). Failures raise `ImageError`
+whose `kind` is one of ERROR_KINDS.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clfsys.config import RESIZE_MODES
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -66,16 +69,31 @@ def _convert(im: Image.Image, color_mode: str) -> Image.Image:
     return im.convert("L" if color_mode == "grayscale" else "RGB")
 
 
+def _fit(im: Image.Image, size: tuple[int, int], resize: str) -> Image.Image:
+    height, width = size
+    if im.size == (width, height):
+        return im
+    if resize == "pad":
+        return ImageOps.pad(im, (width, height), Image.Resampling.BILINEAR, color=0)
+    if resize == "crop":
+        return ImageOps.fit(im, (width, height), Image.Resampling.BILINEAR)
+    return im.resize((width, height), Image.Resampling.BILINEAR)
+
+
 def decode(
     data: bytes,
     size: tuple[int, int],
     color_mode: str,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize: str = "stretch",
 ) -> np.ndarray:
     """Decode one image to a (height, width, channels) uint8 array.
 
-    `size` is (height, width); `color_mode` is 'rgb' (3 channels) or 'grayscale' (1 channel).
+    `size` is (height, width); `color_mode` is 'rgb' (3 channels) or 'grayscale' (1 channel);
+    `resize` one of RESIZE_MODES.
     """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if not data:
         raise ImageError(EMPTY)
     try:
@@ -88,16 +106,14 @@ def decode(
             if getattr(im, "is_animated", False):
                 im.seek(0)
             # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays at
-            # least as large as the target on both sides (square, so EXIF rotation is safe).
+            # least as large as the target on both sides (square, so EXIF rotation is safe; and
+            # large enough for every resize mode).
             # ~1.7x faster on 500x375 photos for a 64x64 model; the resize below does the rest.
             side = max(size)
             im.draft("L" if color_mode == "grayscale" else None, (side, side))
             im.load()  # decode fully now so truncation shows up here
             im = ImageOps.exif_transpose(im) or im
-            im = _convert(im, color_mode)
-            height_out, width_out = size
-            if im.size != (width_out, height_out):
-                im = im.resize((width_out, height_out), Image.Resampling.BILINEAR)
+            im = _fit(_convert(im, color_mode), size, resize)
             arr = np.asarray(im, dtype=np.uint8)
     except ImageError:
         raise

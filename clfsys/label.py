@@ -71,7 +71,7 @@ def list_inputs(inputs: list[str]) -> list[str]:
 
 
 def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int], color_mode: str,
-                 max_pixels: int) -> dict[str, np.ndarray]:
+                 max_pixels: int, resize: str = "stretch") -> dict[str, np.ndarray]:
     """Ray Data stage: read and decode each file. A bad file becomes that row's `error`; a file
     that could not be read, after retries, that row's `read_error`."""
     channels = 1 if color_mode == "grayscale" else 3
@@ -98,7 +98,8 @@ def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int], color_mode
             continue
         _read_failures["in_a_row"] = 0
         try:
-            out[i] = images.decode(data, size, color_mode, max_pixels=max_pixels)
+            out[i] = images.decode(data, size, color_mode, max_pixels=max_pixels,
+                                   resize=resize)
         except images.ImageError as exc:
             errors[i] = exc.kind
         except Exception as exc:  # never let one file kill the job; name what happened
@@ -328,7 +329,7 @@ def _pipeline(paths: list[str], found: bundle.Bundle, options: LabelOptions):
     ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=options.batch_size,
                         num_cpus=TASK_CPUS, **_decode_placement(paths, options),
                         fn_kwargs={"size": found.image_size, "color_mode": found.color_mode,
-                                   "max_pixels": options.max_pixels})
+                                   "max_pixels": options.max_pixels, "resize": found.resize})
     return ds.map_batches(
         LabelActor, batch_format="numpy", batch_size=options.batch_size,
         fn_constructor_kwargs={"source": bundle.portable(found), "top_k": options.top_k,

@@ -77,7 +77,8 @@ class Predictor:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> this model's input array (raises images.ImageError)."""
-        return images.decode(data, self.bundle.image_size, self.bundle.color_mode)
+        return images.decode(data, self.bundle.image_size, self.bundle.color_mode,
+                             resize=self.bundle.resize)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, H, W, C) uint8 -> (N, classes) probabilities."""

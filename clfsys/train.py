@@ -226,7 +226,8 @@ def publish(
     config = result.config.to_dict()
     config["model"] = {**config["model"], **vars(resolve(result.config.model))}
     meta = bundle.save(out, result.model, class_names=ds.class_names,
-                       color_mode=ds.color_mode, config=config, metrics=metrics,
+                       color_mode=ds.color_mode, resize=result.config.data.resize,
+                       config=config, metrics=metrics,
                        history=result.history, extra=extra_metadata)
     print(f"bundle written to {out} (plots in {plots})", file=sys.stderr)
     return {

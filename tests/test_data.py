@@ -138,3 +138,54 @@ def test_hymenoptera_photos_load():
                               test_path=str(root / "val"), image_size=[32, 32]))
     assert ds.class_names == ["ants", "bees"]
     assert len(ds.x_train) + len(ds.x_val) == 244 and len(ds.x_test) == 153
+
+
+def test_stratified_sample_is_exact_proportional_and_seeded():
+    y = np.repeat(np.arange(3), [60, 30, 10])
+    picked = data.stratified_sample(y, 20, seed=1)
+    assert len(picked) == 20 and len(np.unique(picked)) == 20
+    assert list(np.bincount(y[picked])) == [12, 6, 2]
+    assert np.array_equal(picked, data.stratified_sample(y, 20, seed=1))
+    assert not np.array_equal(picked, data.stratified_sample(y, 20, seed=2))
+    assert list(np.bincount(y[data.stratified_sample(y, 4, seed=0)])) == [2, 1, 1]
+    assert list(np.bincount(y[data.stratified_sample(y, 7, seed=0)])) == [4, 2, 1]
+    assert len(data.stratified_sample(y, 500, seed=0)) == 100
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """The files the real decode path is called on."""
+    seen: list[str] = []
+    real = data._decode_file
+
+    def counting(path, size, cfg):
+        seen.append(str(path))
+        return real(path, size, cfg)
+
+    monkeypatch.setattr(data, "_decode_file", counting)
+    return seen
+
+
+def test_limit_on_a_folder_is_stratified_and_decodes_only_the_sample(tmp_path, decodes):
+    root = tmp_path / "imgs"
+    write_folder(root, per_class=30, classes=["left"], size=8)
+    write_folder(root, per_class=10, classes=["right"], size=8, seed=1)
+    cfg = DataConfig(dataset="folder", path=str(root), image_size=[8, 8], limit=8,
+                     test_fraction=0.25, val_fraction=0.25)
+    ds = data.load(cfg)
+    pool = np.concatenate([ds.y_train, ds.y_val])
+    assert list(np.bincount(pool)) == [6, 2]  # the first 8 files would all be "left"
+    assert list(np.bincount(ds.y_test)) == [8, 2]
+    assert len(decodes) == len(set(decodes)) == 8 + 10
+    assert data.load(cfg).x_train.tobytes() == ds.x_train.tobytes()  # seeded
+
+
+def test_test_only_decodes_only_the_test_split(tmp_path, decodes):
+    root = write_folder(tmp_path / "imgs", per_class=10, size=8)
+    cfg = DataConfig(dataset="folder", path=str(root), image_size=[8, 8], test_fraction=0.2)
+    full = data.load(cfg)
+    decodes.clear()
+    test = data.load(cfg, test_only=True)
+    assert len(decodes) == len(test.x_test) == len(full.x_test) == 6
+    assert np.array_equal(test.x_test, full.x_test) and np.array_equal(test.y_test, full.y_test)
+    assert len(test.x_train) == len(test.x_val) == 0 and test.input_shape == (8, 8, 3)

@@ -133,3 +133,39 @@ def test_too_many_pixels_is_refused_before_decoding():
 def test_extensions_are_case_insensitive():
     assert images.is_image_path("a/B.JPeG") and images.is_image_path("x.webp")
     assert not images.is_image_path("notes.txt") and not images.is_image_path("png")
+
+
+def bands(width: int = 60, height: int = 20) -> bytes:
+    """Three vertical bands, red | green | blue, on a wide image."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    third = width // 3
+    pixels[:, :third, 0] = pixels[:, third:2 * third, 1] = pixels[:, 2 * third:, 2] = 255
+    return encode(Image.fromarray(pixels), "PNG")
+
+
+def test_resize_modes_stretch_pad_and_crop():
+    data = bands()
+    stretched = decode(data, (16, 16), "rgb")
+    assert stretched.shape == (16, 16, 3)
+    assert stretched[8, 1].argmax() == 0 and stretched[8, 8].argmax() == 1
+    assert stretched[8, 14].argmax() == 2 and stretched[0].max() == 255  # no border
+
+    padded = decode(data, (16, 16), "rgb", resize="pad")
+    assert padded.shape == (16, 16, 3)
+    content = np.flatnonzero(padded.max(axis=(1, 2)) > 0)  # rows that are not black border
+    assert len(content) in (5, 6) and content[0] >= 5 and content[-1] <= 10  # 16 * 20 / 60
+    assert padded[:5].max() == 0 and padded[11:].max() == 0
+    row = padded[content[len(content) // 2]]
+    assert [row[1].argmax(), row[8].argmax(), row[14].argmax()] == [0, 1, 2]
+
+    cropped = decode(data, (16, 16), "rgb", resize="crop")
+    assert cropped.shape == (16, 16, 3)
+    # The centre 20x20 of the 60x20 image is the green band, top to bottom.
+    assert (cropped[..., 1] > 200).all() and cropped[..., [0, 2]].max() < 60
+
+    tall = decode(encode(Image.new("L", (10, 40), 255), "PNG"), (8, 8), "grayscale",
+                  resize="pad")
+    assert tall.shape == (8, 8, 1) and tall[:, 0].max() == 0 and tall[:, -1].max() == 0
+    assert tall[:, 4].min() == 255
+    with pytest.raises(ValueError, match="resize must be one of"):
+        decode(data, (16, 16), "rgb", resize="squash")

@@ -145,3 +145,34 @@ def test_bundle_errors(trained_bundle, tmp_path):
     (tampered / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="do not match metadata model_id"):
         bundle.load(tampered).load_model()
+
+
+def test_the_bundle_records_resize_and_its_consumers_follow_it(image_folder, tmp_path):
+    from PIL import Image
+
+    from clfsys import images
+    from clfsys.label import decode_batch
+    from clfsys.train import publish
+
+    result = train(folder_config(image_folder, **{"data.resize": "pad", "train.epochs": 1}))
+    out = tmp_path / "bundle"
+    publish(result, out)
+    found = bundle.load(out)
+    assert found.resize == found.metadata["resize"] == "pad"
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((10, 40, 3), 200, dtype=np.uint8)).save(wide)
+    data = wide.read_bytes()
+    padded = images.decode(data, (20, 20), "rgb", resize="pad")
+    assert padded[0].max() == 0 and padded[10].min() == 200  # black border, image in the middle
+    assert np.array_equal(Predictor(found).decode(data), padded)  # serving
+    labelled = decode_batch({"path": np.array([str(wide)])}, found.image_size,
+                            found.color_mode, 10**6, found.resize)  # labelling
+    assert np.array_equal(labelled["image"][0], padded)
+    # The resize mode is part of the model's identity: stretching would change its inputs.
+    meta = json.loads((out / "metadata.json").read_text())
+    (out / "metadata.json").write_text(json.dumps({**meta, "resize": "stretch"}))
+    with pytest.raises(BundleError, match="do not match metadata model_id"):
+        bundle.load(out).load_model()
+    (out / "metadata.json").write_text(json.dumps({**meta, "resize": "squash"}))
+    with pytest.raises(BundleError, match="field 'resize' must be one of"):
+        bundle.load(out)
