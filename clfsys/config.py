@@ -89,7 +89,8 @@ class ModelConfig:
     """The architecture and its parameters; unset parameters take the architecture's default."""
 
     arch: str = "cnn"
-    """Registered architecture: mlp, cnn, cnn_bn, cnn_vgg, cnn_wide."""
+    """Registered architecture: mlp, cnn, cnn_bn, cnn_vgg, cnn_wide, or a keras.applications
+    backbone: mobilenet_v3_small, mobilenet_v3_large, efficientnet_v2_b0, resnet50_v2."""
     units: list[int] | None = None
     """mlp: hidden layer widths."""
     filters: list[int] | None = None
@@ -102,6 +103,12 @@ class ModelConfig:
     """Dropout after each hidden layer (mlp) or conv block (CNNs)."""
     dense_dropout: float | None = None
     """CNNs with a dropout head: dropout after the dense layer."""
+    weights: str | None = None
+    """Pretrained backbones: imagenet, none (from scratch), or a path or URI to a .weights.h5
+    file of the backbone."""
+    fine_tune_layers: int | None = None
+    """Pretrained backbones: after train.warmup_epochs, the top N layers of the backbone train
+    (BatchNorm layers stay frozen, in inference mode)."""
     augment: bool = False
     """Random zoom and horizontal flip, active in training only."""
     zoom: float = 0.1
@@ -124,6 +131,13 @@ class ModelConfig:
             if value is not None:
                 _check(0 <= value < 1, f"model.{key}", "must be in [0, 1)", value)
         _check(0 <= self.zoom < 1, "model.zoom", "must be in [0, 1)", self.zoom)
+        if self.weights is not None:
+            _check(self.weights in ("imagenet", "none") or str(self.weights).endswith(".h5"),
+                   "model.weights", "must be imagenet, none, or a path or URI to a .weights.h5 "
+                   "file", self.weights)
+        if self.fine_tune_layers is not None:
+            _check(self.fine_tune_layers >= 0, "model.fine_tune_layers", "must be >= 0",
+                   self.fine_tune_layers)
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,11 @@ class TrainConfig:
     improvement of `monitor` (Keras ReduceLROnPlateau); unset: constant learning rate."""
     lr_plateau_factor: float = 0.3
     """Factor of the learning-rate reduction on a plateau."""
+    warmup_epochs: int = 3
+    """Pretrained backbones: epochs with the backbone frozen (only the new head trains) before
+    its top model.fine_tune_layers layers train too."""
+    fine_tune_lr: float | None = None
+    """Pretrained backbones: learning rate once the backbone trains; unset: lr / 10."""
     tensorboard: bool = True
     """Write TensorBoard logs under <out>/logs."""
     seed: int = 42
@@ -178,6 +197,10 @@ class TrainConfig:
                    self.lr_plateau_patience)
         _check(0 < self.lr_plateau_factor < 1, "train.lr_plateau_factor", "must be in (0, 1)",
                self.lr_plateau_factor)
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0",
+               self.warmup_epochs)
+        if self.fine_tune_lr is not None:
+            _check(self.fine_tune_lr > 0, "train.fine_tune_lr", "must be > 0", self.fine_tune_lr)
         _check(self.verbose in (0, 1, 2), "train.verbose", "must be 0, 1 or 2", self.verbose)
 
 

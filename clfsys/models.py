@@ -1,8 +1,13 @@
 """Architecture registry: name -> builder(model_cfg, input_shape, num_classes) -> keras.Model.
 
-Every model takes raw uint8 pixels: rescaling to [0, 1] and the optional augmentation layers
-(random zoom, horizontal flip; active only in training) live inside the model. Adding an
-architecture is one builder function and one line in ARCHITECTURES.
+Every model takes raw uint8 pixels: rescaling (or a pretrained backbone's own preprocessing) and
+the optional augmentation layers (random zoom, horizontal flip; active only in training) live
+inside the model. Adding an architecture is one builder function and one line in ARCHITECTURES.
+
+Pretrained backbones (BACKBONES) come from keras.applications without their top: grayscale is
+repeated to 3 channels inside the model, and a new head (dropout, softmax) follows the pooled
+features. `model.weights` is imagenet (Keras downloads them, or reads ~/.keras/models/), none
+(from scratch), or a .weights.h5 file at a path or URI; train.py freezes and unfreezes them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,19 @@ from typing import Any
 from clfsys.config import ModelConfig
 from clfsys.errors import ConfigError
 
-PARAMS = ("units", "filters", "kernel_size", "dense", "dropout", "dense_dropout")
+PARAMS = ("units", "filters", "kernel_size", "dense", "dropout", "dense_dropout", "weights",
+          "fine_tune_layers")
+
+BACKBONES = {
+    "mobilenet_v3_small": ("MobileNetV3Small", True),
+    "mobilenet_v3_large": ("MobileNetV3Large", True),
+    "efficientnet_v2_b0": ("EfficientNetV2B0", True),
+    "resnet50_v2": ("ResNet50V2", False),
+}
+"""arch -> (keras.applications model, whether it preprocesses 0..255 pixels itself); ResNet50V2
+expects pixels in [-1, 1], which a Rescaling layer in front of it does."""
+BACKBONE_LAYER = "backbone"
+MIN_BACKBONE_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -25,11 +42,12 @@ class Architecture:
     """Every parameter the builder reads, with its default."""
 
 
-def _inputs(cfg: ModelConfig, input_shape: tuple[int, int, int]) -> tuple[Any, Any]:
+def _inputs(cfg: ModelConfig, input_shape: tuple[int, int, int], scale: float = 1.0 / 255,
+            offset: float = 0.0) -> tuple[Any, Any]:
     import keras
 
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")
-    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = keras.layers.Rescaling(scale, offset, name="rescale")(inputs)
     if cfg.augment:
         if cfg.zoom > 0:
             x = keras.layers.RandomZoom(cfg.zoom, fill_mode="constant", name="zoom")(x)
@@ -123,6 +141,81 @@ def build_cnn_wide(cfg: ModelConfig, input_shape, num_classes: int):
     return _conv_net(cfg, input_shape, num_classes, padding="same", name="cnn_wide")
 
 
+def _backbone_builder(arch: str) -> Callable[..., Any]:
+    application, preprocesses = BACKBONES[arch]
+
+    def build(cfg: ModelConfig, input_shape, num_classes: int):
+        import keras
+
+        height, width, channels = input_shape
+        if min(height, width) < MIN_BACKBONE_SIDE:
+            raise ConfigError(f"data.image_size must be at least {MIN_BACKBONE_SIDE}x"
+                              f"{MIN_BACKBONE_SIDE} for model.arch {arch!r}, got "
+                              f"{height}x{width}")
+        inputs, x = (_inputs(cfg, input_shape, 1.0) if preprocesses
+                     else _inputs(cfg, input_shape, 1.0 / 127.5, -1.0))
+        if channels == 1:
+            x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
+        x = _backbone(application, cfg.weights, (height, width, 3), preprocesses)(x)
+        x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
+        return keras.Model(inputs, _head(x, num_classes), name=arch)
+
+    build.__doc__ = (f"keras.applications.{application} (no top, average pooling) -> Dropout "
+                     "-> Dense(classes).")
+    return build
+
+
+def _backbone(application: str, weights: str, shape: tuple[int, int, int], preprocesses: bool):
+    import keras
+
+    make = getattr(keras.applications, application)
+    kwargs = {"include_preprocessing": True} if preprocesses else {}
+    try:
+        backbone = make(include_top=False, weights="imagenet" if weights == "imagenet" else None,
+                        input_shape=shape, pooling="avg", **kwargs)
+    except Exception as exc:  # the download fails in many ways (DNS, proxy, HTTP, disk)
+        if weights != "imagenet":
+            raise
+        raise ConfigError(
+            f"model.weights=imagenet: cannot get the ImageNet weights of {application} "
+            f"({_first_line(exc)}); on a cluster without internet, run `python -c "
+            f"\"import keras; keras.applications.{application}(include_top=False)\"` where "
+            "there is, copy ~/.keras/models/ to every node, or set model.weights to a "
+            ".weights.h5 file (path or URI)") from None
+    backbone.name = BACKBONE_LAYER  # (EfficientNetV2 reads its own name= to pick its blocks)
+    if weights not in ("imagenet", "none"):
+        _load_weights(backbone, weights, application)
+    return backbone
+
+
+def _load_weights(backbone, location: str, application: str) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from clfsys import storage
+
+    try:
+        data = storage.read_bytes(storage.normalize(location))
+    except storage.StorageError as exc:
+        raise ConfigError(f"model.weights: {exc}") from None
+    suffix = ".weights.h5" if location.endswith(".weights.h5") else ".h5"
+    with tempfile.TemporaryDirectory() as folder:
+        file = Path(folder) / f"backbone{suffix}"
+        file.write_bytes(data)
+        try:
+            backbone.load_weights(file)
+        except Exception as exc:
+            raise ConfigError(f"model.weights: {location} does not fit the {application} "
+                              f"backbone ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+_BACKBONE_DEFAULTS = {"weights": "imagenet", "dropout": 0.2, "fine_tune_layers": 30}
+
 ARCHITECTURES: dict[str, Architecture] = {
     "mlp": Architecture(build_mlp, {"units": [350], "dropout": 0.0}),
     "cnn": Architecture(build_cnn, {"filters": [32], "kernel_size": 3, "dense": 100,
@@ -134,6 +227,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "cnn_wide": Architecture(build_cnn_wide, {"filters": [32, 64], "kernel_size": 5,
                                               "dense": 256, "dropout": 0.25,
                                               "dense_dropout": 0.5}),
+    **{arch: Architecture(_backbone_builder(arch), _BACKBONE_DEFAULTS) for arch in BACKBONES},
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 from clfsys import data as data_mod
 from clfsys.config import Config, TrainConfig
 from clfsys.data import Dataset
-from clfsys.models import build_model, resolve
+from clfsys.models import BACKBONE_LAYER, BACKBONES, build_model, resolve
 
 
 @dataclass
@@ -51,9 +51,9 @@ def make_optimizer(cfg: TrainConfig):
     return keras.optimizers.Adam(learning_rate=cfg.lr)
 
 
-def compile_model(model, cfg: TrainConfig) -> None:
-    model.compile(optimizer=make_optimizer(cfg), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+def compile_model(model, cfg: TrainConfig, lr: float | None = None) -> None:
+    model.compile(optimizer=make_optimizer(cfg if lr is None else replace(cfg, lr=lr)),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
 def training_callbacks(tc: TrainConfig, work_dir: str | Path | None = None) -> list[Any]:
@@ -89,10 +89,11 @@ def train(
     """Train the configured model; returns it holding the weights of its best epoch.
 
     `work_dir` receives the best-model checkpoint (checkpoints/best.weights.h5) and TensorBoard
-    logs (logs/). `model` and `initial_epoch` continue a compiled model from a checkpoint;
-    `callback_state` (see `state_keeper`) carries early stopping's and the LR schedule's
-    counters across such a pause: they are read from it first and written into it every epoch,
-    before any of `callbacks` runs.
+    logs (logs/). A pretrained backbone trains in the two `phases`, one `fit` each. `model` and
+    `initial_epoch` continue a compiled model from a checkpoint; `callback_state` (see
+    `state_keeper`) carries early stopping's and the LR schedule's counters across such a pause:
+    they are read from it first and written into it every epoch, before any of `callbacks`
+    runs.
     """
     import keras
 
@@ -102,31 +103,89 @@ def train(
     dataset = dataset if dataset is not None else data_mod.load(cfg.data)
     if model is None:
         model = build_model(cfg.model, dataset.input_shape, len(dataset.class_names))
-        compile_model(model, cfg.train)
     tc = cfg.train
     stateful = training_callbacks(tc, work_dir)
-    all_callbacks = [*stateful, *([] if callback_state is None else
-                                  [state_keeper(stateful, callback_state)])]
+    # Early stopping's and the LR plateau's counters carry on from one phase to the next, and
+    # across a pause when the caller keeps `callback_state`.
+    state = callback_state if callback_state is not None else {}
+    all_callbacks = [*stateful, state_keeper(stateful, state)]
     if work_dir is not None and tc.tensorboard:
         all_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(Path(work_dir) / "logs")))
     all_callbacks += list(callbacks)
-    fit = model.fit(
-        dataset.x_train, dataset.y_train, validation_data=(dataset.x_val, dataset.y_val),
-        batch_size=tc.batch_size, epochs=tc.epochs, initial_epoch=initial_epoch,
-        callbacks=all_callbacks, verbose=tc.verbose,
-    )
-    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
+    history: dict[str, list[float]] = {}
+    snapshots = []  # (first epoch after the phase, its weights as Keras left them)
+    for phase, (start, end) in enumerate(phases(cfg)):
+        if end <= initial_epoch:
+            continue
+        begin = max(start, initial_epoch)
+        if set_phase(model, cfg, begin) or not getattr(model, "compiled", False):
+            compile_model(model, tc, lr=phase_lr(cfg, begin))
+        if phase and begin == start:
+            state.get("EarlyStopping", {})["wait"] = 0  # fine-tuning gets its own patience
+        fit = model.fit(
+            dataset.x_train, dataset.y_train, validation_data=(dataset.x_val, dataset.y_val),
+            batch_size=tc.batch_size, epochs=end, initial_epoch=begin,
+            callbacks=all_callbacks, verbose=tc.verbose,
+        )
+        for key, values in fit.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        snapshots.append((begin + len(fit.history.get("loss", [])), model.get_weights()))
     epochs_run = initial_epoch + len(history.get("loss", []))
     monitored = history.get(tc.monitor, [])
     if monitored and tc.restore_best_weights:
         pick = np.argmin if tc.monitor == "val_loss" else np.argmax
         best_epoch = initial_epoch + int(pick(monitored)) + 1
+        # Each fit restored its own best epoch; an earlier phase may have held the best one.
+        owner = next(weights for last, weights in snapshots if best_epoch <= last)
+        if owner is not snapshots[-1][1]:
+            model.set_weights(owner)
     else:
         best_epoch = epochs_run
     return TrainResult(model=model, history=history, dataset=dataset, config=cfg,
                        epochs_run=epochs_run, best_epoch=best_epoch,
                        stopped_early=epochs_run < tc.epochs,
                        wall_s=time.perf_counter() - started, initial_epoch=initial_epoch)
+
+
+def pretrained(cfg: Config) -> bool:
+    """A keras.applications backbone starting from trained weights: trained in two phases."""
+    return cfg.model.arch in BACKBONES and resolve(cfg.model).weights != "none"
+
+
+def phases(cfg: Config) -> list[tuple[int, int]]:
+    """[begin, end) epochs of each training phase: with a pretrained backbone, the frozen
+    warm-up (train.warmup_epochs) and then the fine-tuning; else one phase."""
+    warmup = min(cfg.train.warmup_epochs, cfg.train.epochs)
+    if not pretrained(cfg) or warmup == 0:
+        return [(0, cfg.train.epochs)]
+    return [(0, warmup)] + ([(warmup, cfg.train.epochs)] if warmup < cfg.train.epochs else [])
+
+
+def phase_lr(cfg: Config, epoch: int) -> float:
+    if pretrained(cfg) and epoch >= cfg.train.warmup_epochs:
+        return cfg.train.fine_tune_lr or cfg.train.lr / 10
+    return cfg.train.lr
+
+
+def set_phase(model, cfg: Config, epoch: int) -> bool:
+    """Freeze a pretrained backbone during the warm-up; after it, let its top
+    `model.fine_tune_layers` layers train, BatchNorm layers excepted (frozen, they run in
+    inference mode). True when this changed what trains: the model must be compiled again."""
+    import keras
+
+    if not pretrained(cfg):
+        return False
+    backbone = model.get_layer(BACKBONE_LAYER)
+    before = [layer.trainable for layer in backbone.layers]
+    if epoch < cfg.train.warmup_epochs:
+        backbone.trainable = False
+    else:
+        backbone.trainable = True
+        cut = len(backbone.layers) - resolve(cfg.model).fine_tune_layers
+        for i, layer in enumerate(backbone.layers):
+            if i < cut or isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    return before != [layer.trainable for layer in backbone.layers]
 
 
 # What Keras's own callbacks count across epochs and reset in on_train_begin. The learning rate

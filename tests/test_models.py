@@ -3,7 +3,7 @@ import pytest
 
 from clfsys.config import ModelConfig
 from clfsys.errors import ConfigError
-from clfsys.models import ARCHITECTURES, build_model, resolve
+from clfsys.models import ARCHITECTURES, BACKBONES, build_model, resolve
 
 
 @pytest.mark.parametrize("arch, params, expected", [
@@ -31,7 +31,8 @@ def test_augmentation_adds_no_parameters_and_acts_only_in_training():
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_architecture_takes_uint8_pixels(arch):
     shape = (32, 32, 3)
-    model = build_model(ModelConfig(arch=arch, augment=True), shape, 4)
+    weights = {"weights": "none"} if arch in BACKBONES else {}  # no network here
+    model = build_model(ModelConfig(arch=arch, augment=True, **weights), shape, 4)
     assert model.inputs[0].dtype == "uint8"
     out = np.asarray(model(np.zeros((2, *shape), dtype=np.uint8), training=False))
     assert out.shape == (2, 4) and np.allclose(out.sum(axis=1), 1.0, atol=1e-5)
