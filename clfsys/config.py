@@ -20,6 +20,7 @@ from clfsys.errors import ConfigError
 
 DATASETS = ("fashion_mnist", "csv", "folder")
 COLOR_MODES = ("grayscale", "rgb")
+CACHE_MODES = ("auto", "memory", "disk")
 RESIZE_MODES = ("stretch", "pad", "crop")
 """stretch: resize to the input size, aspect ratio lost; pad: fit inside it, aspect ratio kept,
 centred on black borders; crop: fill it, aspect ratio kept, the centre cropped."""
@@ -59,6 +60,17 @@ class DataConfig:
     limit: int | None = None
     """Train on a stratified, seeded sample of N examples of the training pool (quick runs);
     folders decode only the sampled files."""
+    cache: str = "auto"
+    """Folders: memory (decode into arrays), disk (decode once into shards at cache_path and
+    stream them), or auto: disk when the decoded training and validation splits exceed
+    memory_budget_mb."""
+    memory_budget_mb: int = 2048
+    """What the data pipeline may hold: the in-memory limit of `auto`; a streamed shard is at
+    most an eighth of it."""
+    cache_path: str | None = None
+    """Folders, disk cache: where decoded shards live (local path or URI; shared storage on a
+    cluster). Unset: <search storage>/decoded for `clfsys tune`, ~/.cache/clfsys/decoded for
+    `clfsys train`."""
     skip_corrupt: bool = False
     """Folders: skip undecodable images and count them, instead of stopping with the file's name."""
     seed: int = 0
@@ -82,6 +94,10 @@ class DataConfig:
                self.test_fraction)
         if self.limit is not None:
             _check(self.limit > 0, "data.limit", "must be > 0", self.limit)
+        _check(self.cache in CACHE_MODES, "data.cache", f"must be one of {list(CACHE_MODES)}",
+               self.cache)
+        _check(self.memory_budget_mb > 0, "data.memory_budget_mb", "must be > 0",
+               self.memory_budget_mb)
 
 
 @dataclass(frozen=True)

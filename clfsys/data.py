@@ -10,6 +10,7 @@ splits asked for are decoded.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clfsys import images, storage
+from clfsys import cache, images, storage
 from clfsys.config import DataConfig
 from clfsys.errors import ConfigError, DataError
 
@@ -42,6 +43,9 @@ class Dataset:
     color_mode: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(file, reason) of images skipped because they could not be decoded."""
+    train_shards: cache.Shards | None = None
+    """Set when the training split streams from the decoded cache (x_train is then empty)."""
+    val_shards: cache.Shards | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -53,7 +57,15 @@ class Dataset:
                 f"images of {h}x{w}x{c}, {len(self.class_names)} classes")
         if self.skipped:
             text += f", {len(self.skipped)} undecodable files skipped"
+        if self.train_shards is not None:
+            text += (f"; train and validation streamed from "
+                     f"{len(self.train_shards.counts) + len(self.val_shards.counts)} decoded "
+                     f"shards ({self.train_shards.location}, ...)")
         return text
+
+    @property
+    def train_examples(self) -> int:
+        return len(self.y_train)
 
 
 @dataclass
@@ -116,22 +128,20 @@ def _limit(cfg: DataConfig, y: np.ndarray) -> np.ndarray:
             else stratified_sample(y, cfg.limit, cfg.seed + 2))
 
 
-def load(cfg: DataConfig, *, test_only: bool = False) -> Dataset:
+def load(cfg: DataConfig, *, test_only: bool = False, cache_root: str | None = None
+         ) -> Dataset:
     """Load the configured dataset and split it into train / validation / test. With
     `test_only`, the training and validation splits are empty (folders decode no training
-    file)."""
-    pools = _load_pools(cfg, test_only)
+    file). Folders may stream train and validation from the decoded cache (`data.cache`) at
+    `data.cache_path`, else `cache_root`, else the user's cache folder."""
+    if cfg.dataset == "folder":
+        return _load_folder(cfg, test_only, cache_root)
+    pools = _load_pools(cfg)
     if test_only:
-        empty_x, empty_y = pools.x_test[:0], pools.y_test[:0]
-        return Dataset(empty_x, empty_y, empty_x, empty_y, pools.x_test, pools.y_test,
-                       pools.class_names, pools.color_mode, pools.skipped)
+        return _test_split_only(pools.x_test, pools.y_test, pools.class_names, pools.color_mode,
+                                pools.skipped)
+    train_idx, val_idx = _validation_split(cfg, pools.y)
     x, y = pools.x, pools.y
-    if len(np.unique(y)) < 2:
-        raise DataError(f"{_describe(cfg)}: the training data has fewer than 2 classes")
-    train_idx, val_idx = stratified_split(y, cfg.val_fraction, cfg.seed)
-    if len(val_idx) == 0:
-        raise DataError(f"{_describe(cfg)}: too few examples for a validation split "
-                        f"({len(y)} examples)")
     return Dataset(
         x_train=x[train_idx], y_train=y[train_idx], x_val=x[val_idx], y_val=y[val_idx],
         x_test=pools.x_test, y_test=pools.y_test, class_names=pools.class_names,
@@ -139,14 +149,30 @@ def load(cfg: DataConfig, *, test_only: bool = False) -> Dataset:
     )
 
 
+def _test_split_only(x_test, y_test, names, color_mode, skipped) -> Dataset:
+    empty_x, empty_y = x_test[:0], y_test[:0]
+    return Dataset(empty_x, empty_y, empty_x, empty_y, x_test, y_test, names, color_mode,
+                   skipped)
+
+
+def _validation_split(cfg: DataConfig, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(np.unique(y)) < 2:
+        raise DataError(f"{_describe(cfg)}: the training data has fewer than 2 classes")
+    train_idx, val_idx = stratified_split(y, cfg.val_fraction, cfg.seed)
+    if len(val_idx) == 0:
+        raise DataError(f"{_describe(cfg)}: too few examples for a validation split "
+                        f"({len(y)} examples)")
+    return train_idx, val_idx
+
+
 def _describe(cfg: DataConfig) -> str:
     return cfg.path if cfg.path else cfg.dataset
 
 
-def _load_pools(cfg: DataConfig, test_only: bool = False) -> _Pools:
+def _load_pools(cfg: DataConfig) -> _Pools:
     """The training pool, cut to `data.limit`, and the test split."""
     if cfg.dataset == "folder":
-        return _folder_pools(cfg, test_only)
+        return _folder_pools(cfg)
     pools = _fashion_mnist() if cfg.dataset == "fashion_mnist" else _csv_pools(cfg)
     keep = _limit(cfg, pools.y)
     pools.x, pools.y = pools.x[keep], pools.y[keep]
@@ -303,7 +329,9 @@ def _decode_files(
     return x[ok], y[ok], skipped
 
 
-def _folder_pools(cfg: DataConfig, test_only: bool = False) -> _Pools:
+def _folder_splits(cfg: DataConfig):
+    """Listed, not decoded: (files, labels) of the training pool (cut to data.limit) and of the
+    test split, the class names, and the two roots."""
     root = storage.normalize(cfg.path)
     files, y, names = _list_folder(root, None)
     if cfg.test_path:
@@ -314,14 +342,75 @@ def _folder_pools(cfg: DataConfig, test_only: bool = False) -> _Pools:
         keep, held = stratified_split(y, cfg.test_fraction, cfg.seed + 1)
         files, y, test_files, y_test = files[keep], y[keep], files[held], y[held]
     keep = _limit(cfg, y)
-    files, y = files[keep], y[keep]
+    return files[keep], y[keep], test_files, y_test, names, root, test_root
+
+
+def _folder_pools(cfg: DataConfig) -> _Pools:
+    files, y, test_files, y_test, names, root, test_root = _folder_splits(cfg)
+    x_test, y_test, skipped_test = _decode_files(test_files, y_test, cfg, test_root)
+    x, y, skipped = _decode_files(files, y, cfg, root)
+    return _Pools(x, y, x_test, y_test, names, cfg.color_mode, skipped + skipped_test)
+
+
+def _load_folder(cfg: DataConfig, test_only: bool, cache_root: str | None) -> Dataset:
+    """Split by file, then decode: the test split into memory; train and validation into
+    memory or, past the memory budget (or with data.cache: disk), into the decoded cache."""
+    files, y, test_files, y_test, names, root, test_root = _folder_splits(cfg)
     x_test, y_test, skipped = _decode_files(test_files, y_test, cfg, test_root)
     if test_only:
-        x, y = x_test[:0], y_test[:0]
-    else:
-        x, y, skipped_train = _decode_files(files, y, cfg, root)
-        skipped = skipped_train + skipped
-    return _Pools(x, y, x_test, y_test, names, cfg.color_mode, skipped)
+        return _test_split_only(x_test, y_test, names, cfg.color_mode, skipped)
+    train_idx, val_idx = _validation_split(cfg, y)
+    decoded_mb = len(y) * _image_bytes(cfg) / 2**20
+    if cfg.cache == "memory" or (cfg.cache == "auto" and decoded_mb <= cfg.memory_budget_mb):
+        x_train, y_train, skipped_train = _decode_files(files[train_idx], y[train_idx], cfg, root)
+        x_val, y_val, skipped_val = _decode_files(files[val_idx], y[val_idx], cfg, root)
+        return Dataset(x_train, y_train, x_val, y_val, x_test, y_test, names, cfg.color_mode,
+                       skipped_train + skipped_val + skipped)
+    where = storage.normalize(cfg.cache_path or cache_root or default_cache_root())
+    if cfg.cache == "auto":
+        print(f"data: {len(y)} training and validation images decode to {decoded_mb:.0f} MB, "
+              f"over data.memory_budget_mb={cfg.memory_budget_mb}: streaming them from a "
+              f"decoded cache under {where}", file=sys.stderr)
+    train_shards, y_train, skipped_train = _cached(cfg, "train", files[train_idx], y[train_idx],
+                                                   where, root)
+    val_shards, y_val, skipped_val = _cached(cfg, "val", files[val_idx], y[val_idx], where, root)
+    empty = np.zeros((0, *train_shards.shape), dtype=np.uint8)
+    return Dataset(empty, y_train, empty, y_val, x_test, y_test, names, cfg.color_mode,
+                   skipped_train + skipped_val + skipped, train_shards=train_shards,
+                   val_shards=val_shards)
+
+
+def default_cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "clfsys", "decoded")
+
+
+def _image_bytes(cfg: DataConfig) -> int:
+    return cfg.image_size[0] * cfg.image_size[1] * (1 if cfg.color_mode == "grayscale" else 3)
+
+
+def _cached(cfg: DataConfig, split: str, files: np.ndarray, y: np.ndarray, where: str,
+            root: str) -> tuple[cache.Shards, np.ndarray, list[tuple[str, str]]]:
+    """The split's shards in the decoded cache: found there, or decoded once and written."""
+    settings = {"image_size": list(cfg.image_size), "color_mode": cfg.color_mode,
+                "resize": cfg.resize, "skip_corrupt": cfg.skip_corrupt}
+    location = storage.join(where, cache.key(split, [str(f) for f in files], settings))
+    found = cache.open_cached(location)
+    if found is not None:
+        print(f"data: {split} split read from the decoded cache {location}", file=sys.stderr)
+        return found
+    per_shard = max(1, cfg.memory_budget_mb * 2**20 // 8 // _image_bytes(cfg))
+    starts = range(0, len(files), per_shard)
+
+    def chunks():
+        for n, start in enumerate(starts, start=1):
+            end = start + per_shard
+            yield _decode_files(files[start:end], y[start:end], cfg, root)
+            print(f"data: {split} shard {n}/{len(starts)} decoded into {location}",
+                  file=sys.stderr)
+
+    shape = (cfg.image_size[0], cfg.image_size[1], 1 if cfg.color_mode == "grayscale" else 3)
+    return cache.write(location, shape, chunks())
 
 
 # --- Export as PNG class folders -------------------------------------------------------------

@@ -210,12 +210,17 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def storage_root(cfg: Config, out: str) -> str:
+    """Where the search keeps what its trials share: the experiment and the decoded cache."""
+    return cfg.tune.storage_path or storage.join(out, "ray")
+
+
 def experiment_path(cfg: Config, out: str) -> str:
-    storage_path = cfg.tune.storage_path or storage.join(out, "ray")
-    return storage.join(storage_path, EXPERIMENT)
+    return storage.join(storage_root(cfg, out), EXPERIMENT)
 
 
-def check_storage_reaches_every_node(cfg: Config, path: str) -> None:
+def check_storage_reaches_every_node(cfg: Config, path: str,
+                                     key: str = "tune.storage_path") -> None:
     """Refuse, before any trial starts, a search whose trials could not all reach its storage:
     a local path when trials run on other nodes than this one (the cluster has several, or
     this node cannot host a trial, so an autoscaler will add others), unless declared shared."""
@@ -233,11 +238,13 @@ def check_storage_reaches_every_node(cfg: Config, path: str) -> None:
     why = (f"the cluster has {len(nodes)} nodes" if len(nodes) > 1 else
            f"this node has too little {' and '.join(short)} for a trial, so trials run on "
            "other nodes")
-    where = "tune.storage_path" + ("" if cfg.tune.storage_path else " (default <out>/ray)")
+    where = key + ("" if key != "tune.storage_path" or cfg.tune.storage_path
+                   else " (default <out>/ray)")
     raise ConfigError(
         f"{where} is {path.rsplit('/', 1)[0]}, a local path, but {why}: they could not "
-        "checkpoint or resume there; set tune.storage_path=s3://BUCKET/PREFIX (or gs://...), "
-        "or tune.storage_shared=true if that path is a mount every node shares (NFS)")
+        f"{'read their data' if key == 'data.cache_path' else 'checkpoint or resume'} there; "
+        f"set {key}=s3://BUCKET/PREFIX (or gs://...), or tune.storage_shared=true if that "
+        "path is a mount every node shares (NFS)")
 
 
 def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
@@ -264,7 +271,9 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     staging = Path(storage.staging_dir(out))
     staging.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    dataset = data_mod.load(cfg.data)
+    # A folder past data.memory_budget_mb is decoded once into shards beside the experiment,
+    # where every trial on every node reads them.
+    dataset = data_mod.load(cfg.data, cache_root=storage.join(storage_root(cfg, out), "decoded"))
     print(f"data: {dataset.summary()}", file=sys.stderr)
     tracking = None
     if cfg.tune.mlflow.enabled:
@@ -273,6 +282,8 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         tracking = SearchRun(cfg, out, path)
     init_ray()
     check_storage_reaches_every_node(cfg, path)
+    if dataset.train_shards is not None and cfg.data.cache_path:
+        check_storage_reaches_every_node(cfg, dataset.train_shards.location, "data.cache_path")
     resources = {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu}
     base = cfg.replace(**{"train.epochs": cfg.tune.max_epochs, "train.verbose": 0})
     trainable = tune.with_resources(

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from clfsys import cache
 from clfsys import data as data_mod
 from clfsys.config import Config, TrainConfig
 from clfsys.data import Dataset
@@ -113,8 +114,9 @@ def train(
         all_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(Path(work_dir) / "logs")))
     all_callbacks += list(callbacks)
     history: dict[str, list[float]] = {}
-    snapshots = []  # (first epoch after the phase, its weights as Keras left them)
-    for phase, (start, end) in enumerate(phases(cfg)):
+    plan = phases(cfg)
+    earlier = []  # (last epoch, weights as Keras left them) of each phase but the last
+    for phase, (start, end) in enumerate(plan):
         if end <= initial_epoch:
             continue
         begin = max(start, initial_epoch)
@@ -122,22 +124,20 @@ def train(
             compile_model(model, tc, lr=phase_lr(cfg, begin))
         if phase and begin == start:
             state.get("EarlyStopping", {})["wait"] = 0  # fine-tuning gets its own patience
-        fit = model.fit(
-            dataset.x_train, dataset.y_train, validation_data=(dataset.x_val, dataset.y_val),
-            batch_size=tc.batch_size, epochs=end, initial_epoch=begin,
-            callbacks=all_callbacks, verbose=tc.verbose,
-        )
+        fit = model.fit(**fit_inputs(dataset, tc, begin), epochs=end, initial_epoch=begin,
+                        callbacks=all_callbacks, verbose=tc.verbose)
         for key, values in fit.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
-        snapshots.append((begin + len(fit.history.get("loss", [])), model.get_weights()))
+        if phase < len(plan) - 1:
+            earlier.append((begin + len(fit.history.get("loss", [])), model.get_weights()))
     epochs_run = initial_epoch + len(history.get("loss", []))
     monitored = history.get(tc.monitor, [])
     if monitored and tc.restore_best_weights:
         pick = np.argmin if tc.monitor == "val_loss" else np.argmax
         best_epoch = initial_epoch + int(pick(monitored)) + 1
         # Each fit restored its own best epoch; an earlier phase may have held the best one.
-        owner = next(weights for last, weights in snapshots if best_epoch <= last)
-        if owner is not snapshots[-1][1]:
+        owner = next((weights for last, weights in earlier if best_epoch <= last), None)
+        if owner is not None:
             model.set_weights(owner)
     else:
         best_epoch = epochs_run
@@ -145,6 +145,19 @@ def train(
                        epochs_run=epochs_run, best_epoch=best_epoch,
                        stopped_early=epochs_run < tc.epochs,
                        wall_s=time.perf_counter() - started, initial_epoch=initial_epoch)
+
+
+def fit_inputs(dataset: Dataset, tc: TrainConfig, first_epoch: int) -> dict[str, Any]:
+    """model.fit's data: the arrays, or streams over the decoded cache's shards (their own
+    shuffling, one shard held at a time)."""
+    if dataset.train_shards is None:
+        return {"x": dataset.x_train, "y": dataset.y_train, "batch_size": tc.batch_size,
+                "validation_data": (dataset.x_val, dataset.y_val)}
+    return {"x": cache.stream(dataset.train_shards, dataset.y_train, tc.batch_size,
+                              shuffle=True, seed=tc.seed, first_epoch=first_epoch),
+            "validation_data": cache.stream(dataset.val_shards, dataset.y_val, tc.batch_size,
+                                            shuffle=False),
+            "shuffle": False}
 
 
 def pretrained(cfg: Config) -> bool:
@@ -279,7 +292,7 @@ def publish(
         "stopped_early": result.stopped_early,
         "train_wall_s": round(result.wall_s, 1),
         "test": test,
-        "data": {"train": len(ds.x_train), "val": len(ds.x_val), "test": len(ds.x_test),
+        "data": {"train": len(ds.y_train), "val": len(ds.y_val), "test": len(ds.y_test),
                  "skipped_files": len(ds.skipped)},
     }
     config = result.config.to_dict()

@@ -58,6 +58,23 @@ def write_csv(path: Path, rows: int, side: int = 8, seed: int = 0, classes: int 
 
 
 @pytest.fixture
+def decodes(monkeypatch):
+    """The files the real decode path (clfsys.data._decode_file) is called on, in this
+    process."""
+    from clfsys import data
+
+    seen: list[str] = []
+    real = data._decode_file
+
+    def counting(path, size, cfg):
+        seen.append(str(path))
+        return real(path, size, cfg)
+
+    monkeypatch.setattr(data, "_decode_file", counting)
+    return seen
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_folder(tmp_path / "images", per_class=12)
 

@@ -152,20 +152,6 @@ def test_stratified_sample_is_exact_proportional_and_seeded():
     assert len(data.stratified_sample(y, 500, seed=0)) == 100
 
 
-@pytest.fixture
-def decodes(monkeypatch):
-    """The files the real decode path is called on."""
-    seen: list[str] = []
-    real = data._decode_file
-
-    def counting(path, size, cfg):
-        seen.append(str(path))
-        return real(path, size, cfg)
-
-    monkeypatch.setattr(data, "_decode_file", counting)
-    return seen
-
-
 def test_limit_on_a_folder_is_stratified_and_decodes_only_the_sample(tmp_path, decodes):
     root = tmp_path / "imgs"
     write_folder(root, per_class=30, classes=["left"], size=8)

@@ -338,3 +338,21 @@ def test_a_time_budget_writes_every_output_with_trials_that_never_started(tmp_pa
     best = bundle.load(tmp_path / "out" / "best")
     assert best.metadata["search"]["trial_id"] in set(ran["trial_id"])
     assert (tmp_path / "out" / "report" / "index.html").is_file()
+
+
+def test_a_search_decodes_a_folder_once_and_every_trial_streams_it(tmp_path, decodes):
+    folder = write_folder(tmp_path / "images", per_class=20, size=16)
+    cfg = search_config(folder, """
+        train.lr: {choice: [0.01, 0.05]}
+        model.arch: {cnn: {model.filters: [4], model.dense: 16}}
+        """, **{"tune.num_samples": 3, "tune.max_epochs": 2, "tune.scheduler": "none",
+                "data.cache": "disk", "data.memory_budget_mb": 1})
+    out = tmp_path / "search"
+    result = run_search(cfg, out)
+    # Decoded on the driver, each file once: the trials got shards, not files or arrays.
+    assert sorted(decodes) == sorted(str(f) for f in folder.rglob("*.*"))
+    table = pd.read_csv(out / "trials.csv")
+    assert list(table["status"]) == ["TERMINATED"] * 3 and (table["epochs_run"] == 2).all()
+    assert sorted(p.parent.name.split("-")[0]
+                  for p in (out / "ray" / "decoded").glob("*/manifest.json")) == ["train", "val"]
+    assert result["test_accuracy"] is not None
