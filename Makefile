@@ -8,7 +8,7 @@ KERAS_CACHE := $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-cluster test test-quick bench bench-seeds bench-search bench-label bench-serve lint lock seed-data clean
+.PHONY: demo demo-cluster test test-quick bench bench-seeds bench-search bench-label bench-serve bench-data lint lock seed-data clean
 
 # Every install comes from the lock files (locks/*.txt, made by `make lock`), the same versions as
 # on the cluster's nodes (cluster.yaml installs locks/base.txt or locks/gpu.txt).
@@ -51,10 +51,13 @@ test: $(STAMP) seed-data
 test-quick: $(STAMP) seed-data
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: bench-seeds bench-search bench-label bench-serve
+bench: bench-seeds bench-search bench-label bench-serve bench-data
 
 bench-seeds: $(STAMP) seed-data
 	$(BIN)/python benchmarks/seeds.py
+
+bench-data: $(STAMP) seed-data
+	$(BIN)/python benchmarks/data.py
 
 bench-search: $(STAMP) seed-data
 	$(BIN)/python benchmarks/search.py
