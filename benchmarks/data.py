@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 CLASSES = ("left", "right", "top")
 
 TRAIN_RUN = """
-import json, resource, sys, time
+import json, sys, time
 import keras
 from clfsys.config import load_config
 from clfsys.train import train
@@ -46,9 +46,14 @@ class Clock(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         times.append(time.perf_counter() - self.started)
 
+def peak_rss_mb():
+    # VmHWM resets at exec; ru_maxrss would carry over the forking parent's peak.
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
 result = train(cfg, callbacks=[Clock()])
 print(json.dumps({"epoch_s": times, "val_accuracy": result.history["val_accuracy"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mb": peak_rss_mb(),
                   "summary": result.dataset.summary()}))
 """
 
