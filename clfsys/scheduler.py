@@ -23,6 +23,13 @@ Three things Tune would otherwise decide behind the scheduler's back:
 - Tune does not save a scheduler's state. The rung records live in a JSON file beside the
   search's outputs, written on every change and read back when a search resumes.
 
+The last trial standing gets the node. Near the end of a search one trial often runs alone
+(the top rung, or the last promotion) on the CPUs of one trial while the rest of its node idles.
+When a CPU-only trial is the only one running and nothing else could start before its next rung
+(no new configuration, no due promotion), it is paused after its epoch and restarted from that
+checkpoint with every CPU free on its node (`node_room`); the trial sizes TensorFlow's threads
+to what it holds. Any trial that starts alongside others starts with its base resources again.
+
 `RecordingASHA` is Ray's own asynchronous ASHA, noting which trials it stopped early in the same
 file, so trials.csv can say `stopped_by: asha` for both.
 """
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -61,8 +69,13 @@ class PromotingASHA(FIFOScheduler):
 
     def __init__(self, *, metric: str, mode: str, time_attr: str, max_t: int,
                  grace_period: int, reduction_factor: int, state_file: str,
-                 max_concurrent: int | None = None):
+                 max_concurrent: int | None = None,
+                 node_room: Callable[[], dict[str, float]] | None = None):
         super().__init__()
+        self.max_t = max_t
+        self.node_room = node_room  # node id -> CPUs free there; None: never grow a trial
+        self.grown: dict[str, float] = {}  # trial id -> CPUs, for a trial paused to grow
+        self.base_cpus = math.inf  # every trial's own CPUs (the search gives all the same)
         self.rank_metric, self.rank_mode, self.time_attr = metric, mode, time_attr
         self.rf = reduction_factor
         self.max_concurrent = max_concurrent
@@ -108,12 +121,13 @@ class PromotingASHA(FIFOScheduler):
         # Tune itself (see the module docstring). Trials of a resumed search come back PENDING.
         if trial.status == Trial.PENDING:
             trial.set_status(Trial.PAUSED)
+        self.base_cpus = min(self.base_cpus, _cpus(trial))
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict[str, Any]) -> str:
         milestone = result.get(self.time_attr)
         value = result.get(self.rank_metric)
         if milestone not in self.recorded or value is None:
-            return TrialScheduler.CONTINUE
+            return self._grow(tune_controller, trial, result)
         if trial.trial_id in self.recorded[milestone]:
             return TrialScheduler.CONTINUE  # resumed from this rung
         self.recorded[milestone][trial.trial_id] = float(value)
@@ -167,6 +181,38 @@ class PromotingASHA(FIFOScheduler):
         fits = [math.floor(have[k] / need[k] + 1e-9) for k in have if need.get(k)]
         return max(1, min(fits, default=1))
 
+    def _grow(self, tune_controller, trial: Trial, result: dict[str, Any]) -> str:
+        """PAUSE a trial that runs alone so that it restarts with its node's free CPUs, when
+        nothing else could start before its next rung and at least 2 epochs are left there."""
+        epoch = result.get(self.time_attr) or 0
+        next_stop = min([r for r in self.rungs if r > epoch] + [self.max_t])
+        resources = trial.placement_group_factory.required_resources
+        if (self.node_room is None or resources.get("GPU") or next_stop - epoch < 2
+                or result.get("done") or "node_id" not in result):
+            return TrialScheduler.CONTINUE
+        listed = tune_controller.get_trials()
+        trials = {t.trial_id: t for t in listed}
+        others = [t for t in listed if t is not trial and (
+            t.status in (Trial.RUNNING, Trial.PENDING)
+            or (t.status == Trial.PAUSED and t.trial_id not in self.paused_at))]
+        if others or any(self._due(rung, trials) for rung in self.rungs):
+            return TrialScheduler.CONTINUE
+        room = self.node_room()
+        here = _cpus(trial) + room.get(result["node_id"], 0.0)
+        cpus = float(math.floor(max([here, *room.values()])))
+        if cpus <= _cpus(trial):
+            return TrialScheduler.CONTINUE
+        self.grown[trial.trial_id] = cpus
+        return TrialScheduler.PAUSE
+
+    def _resize(self, trial: Trial) -> Trial:
+        """A trial about to start: with the CPUs it was paused to grow into, else its base."""
+        cpus = self.grown.pop(trial.trial_id, self.base_cpus)
+        if cpus != _cpus(trial):
+            resources = dict(trial.placement_group_factory.required_resources)
+            trial.update_resources({**resources, "CPU": cpus})
+        return trial
+
     def _promote(self, rung: int, trial: Trial) -> Trial:
         self.promoted[rung].append(trial.trial_id)
         del self.paused_at[trial.trial_id]
@@ -174,6 +220,10 @@ class PromotingASHA(FIFOScheduler):
         return trial
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        trial = self._choose(tune_controller)
+        return None if trial is None else self._resize(trial)
+
+    def _choose(self, tune_controller) -> Trial | None:
         listed = tune_controller.get_trials()
         trials = {t.trial_id: t for t in listed}
         busy = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in listed)
@@ -225,6 +275,10 @@ class PromotingASHA(FIFOScheduler):
         rungs = ", ".join(f"{r}: {len(self.recorded[r])} in, {len(self.promoted[r])} on"
                           for r in self.rungs)
         return f"ASHA with promotions (rungs at epochs {rungs})"
+
+
+def _cpus(trial: Trial) -> float:
+    return float(trial.placement_group_factory.required_resources.get("CPU", 0.0))
 
 
 class RecordingASHA(AsyncHyperBandScheduler):

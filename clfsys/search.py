@@ -42,10 +42,11 @@ def _reporter_class():
     class TuneReporter(keras.callbacks.Callback):
         """Reports each epoch to Tune with a checkpoint; fails the trial on a NaN loss."""
 
-        def __init__(self, state: dict[str, Any], scratch: Path):
+        def __init__(self, state: dict[str, Any], scratch: Path, cpus: float):
             super().__init__()
             self.state = state
             self.scratch = scratch
+            self.cpus = cpus
 
         def on_train_batch_end(self, batch, logs=None):
             loss = (logs or {}).get("loss")
@@ -75,7 +76,7 @@ def _reporter_class():
                 tune.report({
                     **logs, "epoch": epoch + 1, "best_val_accuracy": state["best_val_accuracy"],
                     "keras_stopped": bool(self.model.stop_training), **state["cost"],
-                    **_placement(),
+                    **_placement(), "cpus": self.cpus,
                 }, checkpoint=tune.Checkpoint.from_directory(folder))
 
         def serving_cost(self, saved: Path) -> dict[str, Any]:
@@ -120,7 +121,9 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cfg = trial_config(base, sample)
-    _configure_tensorflow(cfg.tune.resources.cpu)
+    # The trial's own CPUs: the scheduler may have grown them (PromotingASHA's last trial).
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1.0)
+    _configure_tensorflow(cpus)
     scratch = Path(tempfile.mkdtemp(prefix="clfsys-trial-"))
     state: dict[str, Any] = {"epoch": 0, "history": {}, "best_val_accuracy": None,
                              "best_epoch": 0}
@@ -142,7 +145,7 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
                 print(f"resuming from checkpoint at epoch {state['epoch']}", file=sys.stderr)
     if state["epoch"] >= cfg.train.epochs:
         return
-    reporter = _reporter_class()(state, scratch)
+    reporter = _reporter_class()(state, scratch, cpus)
     try:
         # Early stopping's patience and the LR plateau's counter carry on across a pause at
         # a rung: their state travels in state.json with the checkpoint.
@@ -183,9 +186,17 @@ def _scheduler(cfg: Config, out: str):
         return PromotingASHA(metric="best_val_accuracy", mode="max", time_attr="epoch",
                              max_t=t.max_epochs, grace_period=t.grace_period,
                              reduction_factor=t.reduction_factor, state_file=state_file,
-                             max_concurrent=t.max_concurrent_trials)
+                             max_concurrent=t.max_concurrent_trials, node_room=_free_cpus)
     return RecordingASHA(time_attr="epoch", max_t=t.max_epochs, grace_period=t.grace_period,
                          reduction_factor=t.reduction_factor, state_file=state_file)
+
+
+def _free_cpus() -> dict[str, float]:
+    """Node id -> CPUs free there now (Ray has no public per-node view of free resources)."""
+    from ray._private.state import available_resources_per_node
+
+    return {node: float(free.get("CPU", 0.0))
+            for node, free in available_resources_per_node().items()}
 
 
 def _searcher(cfg: Config):

@@ -34,6 +34,14 @@ class FakeTrial:
     def set_status(self, status: str) -> None:
         self.status = status
 
+    def update_resources(self, resources: dict) -> None:
+        assert self.status != RUNNING
+        self.placement_group_factory = PlacementGroupFactory([resources])
+
+    @property
+    def cpus(self) -> float:
+        return self.placement_group_factory.required_resources["CPU"]
+
     @property
     def epoch(self) -> int:
         return self.last_result.get("epoch", 0)
@@ -56,7 +64,9 @@ class Controller:
         self._resource_updater = Resources(cpus)
         self.trials: list[FakeTrial] = []
         self.starts: list[tuple[str, int]] = []  # (trial, epochs done when it started)
+        self.grown_starts: list[tuple[str, int, float, int]] = []  # (..., CPUs, others running)
         self.most_running = 0
+        self.most_cpus = 0.0
         scheduler.set_search_properties(None, None)
 
     # what the scheduler may call
@@ -75,23 +85,34 @@ class Controller:
     def running(self) -> list[FakeTrial]:
         return [t for t in self.trials if t.status == RUNNING]
 
+    def used(self) -> float:
+        return sum(t.cpus for t in self.running())
+
+    def node_room(self) -> dict[str, float]:
+        return {"node-1": self.cpus - self.used()}
+
     def _start_pending(self) -> None:
         for trial in self.trials:
-            if trial.status == PENDING and len(self.running()) < self.cpus:
+            if trial.status == PENDING and self.used() + trial.cpus <= self.cpus:
                 self.starts.append((trial.trial_id, trial.epoch))
+                if trial.cpus > 1:
+                    self.grown_starts.append((trial.trial_id, trial.epoch, trial.cpus,
+                                              len(self.running())))
                 trial.status = RUNNING
 
     def step(self) -> None:
         self._start_pending()
         while (trial := self.scheduler.choose_trial_to_run(self)) is not None:
             assert trial.status in (PAUSED, PENDING), trial.trial_id
-            if trial.status == PENDING and len(self.running()) >= self.cpus:
+            if trial.status == PENDING and self.used() + trial.cpus > self.cpus:
                 break  # Tune stages it; it starts when a CPU frees up
             trial.status = PENDING
             self._start_pending()
         self.most_running = max(self.most_running, len(self.running()))
+        self.most_cpus = max(self.most_cpus, self.used())
         for trial in self.running():
-            result = {"epoch": trial.epoch + 1, "best_val_accuracy": trial.value}
+            result = {"epoch": trial.epoch + 1, "best_val_accuracy": trial.value,
+                      "node_id": "node-1"}
             trial.last_result = result
             action = self.scheduler.on_trial_result(self, trial, result)
             if action == TrialScheduler.PAUSE and trial.fail_at_pause:
@@ -115,12 +136,14 @@ class Controller:
         return {t.trial_id: t.epoch for t in self.trials}
 
 
-def make(tmp_path, values, *, cpus=2, max_t=3, grace=1, rf=3, max_concurrent=None, fail=()):
+def make(tmp_path, values, *, cpus=2, max_t=3, grace=1, rf=3, max_concurrent=None, fail=(),
+         grow=False):
     scheduler = PromotingASHA(metric="best_val_accuracy", mode="max", time_attr="epoch",
                               max_t=max_t, grace_period=grace, reduction_factor=rf,
                               state_file=str(tmp_path / "asha_state.json"),
                               max_concurrent=max_concurrent)
     controller = Controller(scheduler, cpus, max_t)
+    scheduler.node_room = controller.node_room if grow else None
     for i, value in enumerate(values):
         controller.add(FakeTrial(i, value, fail_at_pause=i in fail))
     return scheduler, controller
@@ -202,6 +225,30 @@ def test_capacity_follows_the_cluster_when_no_limit_is_set(tmp_path):
     _, run = make(tmp_path, [0.1 * i for i in range(9)], cpus=3, max_t=9)
     run.run()
     assert run.most_running == 3
+
+
+def test_the_last_trial_standing_restarts_with_the_free_cpus_of_its_node(tmp_path):
+    _, run = make(tmp_path, [0.1, 0.2, 0.3], cpus=4, max_t=9, grow=True)
+    run.run()
+    # Rungs at 1 and 3: t02 goes on alone after rung 1 (1 epoch to rung 3: not worth a
+    # restart), is promoted from rung 3 with its base CPU, and after epoch 4 restarts with all 4.
+    assert run.starts == [("t00", 0), ("t01", 0), ("t02", 0), ("t02", 1), ("t02", 3),
+                          ("t02", 4)]
+    assert run.grown_starts == [("t02", 4, 4.0, 0)]
+    assert run.epochs() == {"t00": 1, "t01": 1, "t02": 9}
+
+
+def test_growing_never_takes_cpus_another_trial_could_use(tmp_path):
+    values = [0.31, 0.12, 0.45, 0.27, 0.5, 0.08, 0.39, 0.22, 0.41]
+    _, plain = make(tmp_path / "plain", values, cpus=2, max_t=9)
+    plain.run()
+    _, grown = make(tmp_path / "grown", values, cpus=2, max_t=9, grow=True)
+    grown.run()
+    assert grown.grown_starts, "the last trial was never given the idle CPU"
+    assert all(others == 0 for *_, others in grown.grown_starts)
+    assert grown.most_cpus == 2
+    # The rung decisions, and so every trial's epochs, are the same as without growing.
+    assert grown.epochs() == plain.epochs()
 
 
 def test_selection_takes_the_most_accurate_trial_within_the_limits():

@@ -111,6 +111,27 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
     assert "search done: 8 trials" in capsys.readouterr().err
 
 
+def test_the_last_trial_standing_trains_on_every_free_cpu(tmp_path):
+    import ray
+
+    folder = write_folder(tmp_path / "images", per_class=20, size=16)
+    cfg = search_config(folder, "model.arch: {cnn: {model.filters: [4], model.dense: 8}}",
+                        **{"tune.num_samples": 1, "tune.max_epochs": 6, "tune.grace_period": 1,
+                           "tune.reduction_factor": 3})
+    out = tmp_path / "search"
+    run_search(cfg, out)
+    row = pd.read_csv(out / "trials.csv").iloc[0]
+    lines = Path(row["path"], "result.json").read_text().splitlines()
+    reports = [json.loads(line) for line in lines if line.strip()]
+    # Rungs at epochs 1 and 3. Alone after epoch 4 with 2 epochs left, the trial restarts from
+    # its checkpoint holding the node's CPUs, and sizes TensorFlow's threads to them.
+    node_cpus = ray.nodes()[0]["Resources"]["CPU"]
+    assert node_cpus >= 2, "this test needs a node with 2 CPUs or more"
+    assert [(r["epoch"], r["cpus"]) for r in reports] == [
+        (1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, node_cpus), (6, node_cpus)]
+    assert row["status"] == "TERMINATED" and row["epochs_run"] == 6
+
+
 def test_rays_async_asha_decides_each_trial_against_earlier_arrivals(tmp_path):
     folder = write_folder(tmp_path / "images", per_class=20, size=16)
     cfg = search_config(folder, """
