@@ -76,7 +76,7 @@ def first_reach(curve: list[tuple[float, float]]) -> float | None:
 def keras_tuner_search(budget: float, seed: int, out: Path) -> dict:
     """Keras Tuner's Hyperband on equal terms with the default clfsys search: the same space
     (jobs/fashion_mnist.yaml's tune.space through KT's conditional hyperparameters), the same
-    model builders, optimizers and Keras callbacks (early stopping, LR plateau), the same data
+    model builders, optimizers and Keras callbacks (early stopping, LR schedule), the same data
     splits, max_epochs and reduction factor, and the same wall-clock budget, data loading
     included. Hyperband's brackets repeat until the budget; a trial running at the deadline
     stops after its current step, as Tune's time budget stops a running trial."""
@@ -87,7 +87,7 @@ def keras_tuner_search(budget: float, seed: int, out: Path) -> dict:
     from clfsys.config import load_config
     from clfsys.models import build_model
     from clfsys.space import ARCH_KEY, SEP, parse_space, trial_config
-    from clfsys.train import compile_model, evaluate, training_callbacks
+    from clfsys.train import compile_model, evaluate, lr_schedule, training_callbacks
 
     started, points = time.perf_counter(), []
     deadline = started + budget
@@ -129,7 +129,8 @@ def keras_tuner_search(budget: float, seed: int, out: Path) -> dict:
         def fit(self, hp, model, *args, callbacks=(), **kwargs):
             trial = trial_config(cfg, sample(hp))
             return model.fit(*args, batch_size=trial.train.batch_size, callbacks=[
-                *callbacks, *training_callbacks(trial.train), Clock()], **kwargs)
+                *callbacks, *training_callbacks(trial.train), *lr_schedule(trial), Clock()],
+                **kwargs)
 
     class Clock(keras.callbacks.Callback):
         """Records every epoch's validation accuracy and stops at the deadline."""

@@ -26,6 +26,7 @@ RESIZE_MODES = ("stretch", "pad", "crop")
 centred on black borders; crop: fill it, aspect ratio kept, the centre cropped."""
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MONITORS = ("val_loss", "val_accuracy")
+LR_DECAYS = ("none", "cosine")
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -185,6 +186,11 @@ class TrainConfig:
     improvement of `monitor` (Keras ReduceLROnPlateau); unset: constant learning rate."""
     lr_plateau_factor: float = 0.3
     """Factor of the learning-rate reduction on a plateau."""
+    lr_decay: str = "none"
+    """none, or cosine: the learning rate follows a half cosine from `lr` down to 1% of it
+    over `epochs` (each phase of a pretrained backbone its own), set at every epoch's start
+    from the epoch number alone, so a trial paused and resumed at an ASHA rung continues the
+    same curve. Excludes `lr_plateau_patience`."""
     warmup_epochs: int = 3
     """Pretrained backbones: epochs with the backbone frozen (only the new head trains) before
     its top model.fine_tune_layers layers train too."""
@@ -213,6 +219,11 @@ class TrainConfig:
                    self.lr_plateau_patience)
         _check(0 < self.lr_plateau_factor < 1, "train.lr_plateau_factor", "must be in (0, 1)",
                self.lr_plateau_factor)
+        _check(self.lr_decay in LR_DECAYS, "train.lr_decay", f"must be one of {list(LR_DECAYS)}",
+               self.lr_decay)
+        _check(self.lr_decay == "none" or self.lr_plateau_patience is None, "train.lr_decay",
+               "cosine decay and the plateau schedule (train.lr_plateau_patience) exclude each "
+               "other: unset one", self.lr_decay)
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0",
                self.warmup_epochs)
         if self.fine_tune_lr is not None:

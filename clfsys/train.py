@@ -7,6 +7,7 @@ draws the plots and writes the model bundle.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -109,7 +110,7 @@ def train(
     # Early stopping's and the LR plateau's counters carry on from one phase to the next, and
     # across a pause when the caller keeps `callback_state`.
     state = callback_state if callback_state is not None else {}
-    all_callbacks = [*stateful, state_keeper(stateful, state)]
+    all_callbacks = [*stateful, state_keeper(stateful, state), *lr_schedule(cfg)]
     if work_dir is not None and tc.tensorboard:
         all_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(Path(work_dir) / "logs")))
     all_callbacks += list(callbacks)
@@ -178,6 +179,28 @@ def phase_lr(cfg: Config, epoch: int) -> float:
     if pretrained(cfg) and epoch >= cfg.train.warmup_epochs:
         return cfg.train.fine_tune_lr or cfg.train.lr / 10
     return cfg.train.lr
+
+
+COSINE_FLOOR = 0.01
+"""Cosine decay ends at this fraction of the phase's learning rate."""
+
+
+def lr_schedule(cfg: Config) -> list[Any]:
+    """train.lr_decay's callback, if any: stateless, a function of the epoch number alone."""
+    import keras
+
+    if cfg.train.lr_decay != "cosine":
+        return []
+    return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: cosine_lr(cfg, epoch))]
+
+
+def cosine_lr(cfg: Config, epoch: int) -> float:
+    """train.lr_decay cosine: the learning rate of 0-based `epoch`, a half cosine over its
+    phase from the phase's learning rate down to COSINE_FLOOR of it."""
+    start, end = next((s, e) for s, e in phases(cfg) if s <= epoch < e)
+    progress = (epoch - start) / (end - start)
+    return phase_lr(cfg, epoch) * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5
+                                   * (1 + math.cos(math.pi * progress)))
 
 
 def set_phase(model, cfg: Config, epoch: int) -> bool:

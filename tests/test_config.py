@@ -27,6 +27,7 @@ def test_defaults_and_yaml_with_overrides(tmp_path):
     ("data.val_fraction=1.5", "data.val_fraction must be in (0, 1), got 1.5"),
     ("data.dataset=folder", "data.path is required for dataset 'folder'"),
     ("train.lr_plateau_patience=0", "train.lr_plateau_patience must be >= 1, got 0"),
+    ("train.lr_decay=step", "train.lr_decay must be one of ['none', 'cosine'], got 'step'"),
     ("lr=0.1", "must be dotted"),
     ("train.lr", "--set expects key=value"),
 ])
@@ -34,6 +35,12 @@ def test_errors_name_the_dotted_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_cosine_decay_and_the_plateau_schedule_exclude_each_other():
+    assert load_config(None, ["train.lr_decay=cosine"]).train.lr_decay == "cosine"
+    with pytest.raises(ConfigError, match=r"train.lr_decay .*exclude each other"):
+        load_config(None, ["train.lr_decay=cosine", "train.lr_plateau_patience=2"])
 
 
 def test_file_errors(tmp_path):

@@ -1,8 +1,10 @@
 """Real training runs on generated folders, the bundle round trip and the Predictor."""
 
 import json
+import math
 import shutil
 
+import keras
 import numpy as np
 import pytest
 from conftest import folder_config, write_folder
@@ -40,6 +42,23 @@ def test_early_stopping_restores_the_best_epoch(image_folder):
     losses = result.history["val_loss"]
     assert result.best_epoch < result.epochs_run and losses[-1] > min(losses)
     assert_holds_the_best_epochs_weights(result)
+
+
+def test_cosine_decay_follows_the_epoch_across_a_pause(image_folder):
+    cfg = folder_config(image_folder, **{"train.epochs": 6, "train.lr_decay": "cosine"})
+    # Half a cosine over the 6 epochs, from train.lr (0.005) down to 1% of it.
+    expected = [0.005 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * e / 6))) for e in range(6)]
+    whole = train(cfg)
+    assert whole.history["learning_rate"] == pytest.approx(expected, rel=1e-5)
+    # Paused after epoch 3 (as at an ASHA rung), resumed from the model: the curve goes on.
+    class PauseAfterEpoch3(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = epoch == 2
+
+    first = train(cfg, callbacks=[PauseAfterEpoch3()])
+    assert first.history["learning_rate"] == pytest.approx(expected[:3], rel=1e-5)
+    resumed = train(cfg, dataset=first.dataset, model=first.model, initial_epoch=3)
+    assert resumed.history["learning_rate"] == pytest.approx(expected[3:], rel=1e-5)
 
 
 def assert_holds_the_best_epochs_weights(result) -> None:
