@@ -177,12 +177,11 @@ def keras_tuner_search(budget: float, seed: int, out: Path) -> dict:
             "curve": curve, "reached_s": first_reach(curve)}
 
 
-def quality(args) -> dict:
-    runs = {}
-    if args.part == "keras-tuner":  # the clfsys side as a finished quality run recorded it
-        recorded = json.loads((Path(args.out) / "results.json").read_text())["quality"]
-        runs = {name: r for name, r in recorded.items() if name.startswith("clfsys")}
-    for seed in args.seeds if args.part != "keras-tuner" else ():
+def quality(args, recorded: dict) -> dict:
+    """The default search per seed and Keras Tuner; under --part keras-tuner, the clfsys rows
+    are those `recorded` by a finished quality run."""
+    runs = {name: r for name, r in recorded.items() if name.startswith("clfsys")}
+    for seed in [] if args.part == "keras-tuner" else args.seeds:
         result, _ = search({"tune.time_budget_s": args.budget, "tune.seed": seed},
                            Path(args.out) / f"quality-seed{seed}")
         runs[f"clfsys search, seed {seed}"] = result
@@ -374,7 +373,7 @@ def main() -> None:
     if args.part == "keras-tuner":
         results = json.loads((Path(args.out) / "results.json").read_text())
     if args.part in ("quality", "keras-tuner", "all"):
-        results.update(quality(args))
+        results.update(quality(args, results.get("quality", {})))
     if args.part in ("efficiency", "all"):
         results.update(efficiency(args))
     if args.part in ("quality", "all"):
