@@ -5,11 +5,13 @@ when the last one is answered) runs at concurrency 1, 8, 32 and 64 for a fixed d
 on exported Fashion-MNIST test PNGs, against, in the same run:
 
 - ceilings: a no-op Serve app (constant JSON for the same request body) behind Serve's Python
-  proxy and behind its HAProxy ingress, and a plain uvicorn no-op app without Ray;
+  proxy and behind its HAProxy ingress (with Serve's default replica settings, and with the
+  ones `clfsys serve` uses), and a plain uvicorn no-op app without Ray;
 - peers: a plain FastAPI/uvicorn app that calls the model directly (`model(x)`) once per
   request, and the unbatched deployment (max batch size 1);
 - clfsys: batched `/predict` under both ingresses, decoding on the event loop instead of in
-  threads, and the Open Inference Protocol (V2) and TF Serving routes behind HAProxy.
+  threads, and the Open Inference Protocol (V2: base64 in JSON, and the binary tensor extension
+  that tritonclient uses by default) and TF Serving routes behind HAProxy.
 
 It prints requests/s, p50/p95/p99 latency and errors per level, then the targets at
 concurrency 32.
@@ -87,18 +89,22 @@ def noop_uvicorn(port: int) -> None:
     uvicorn.run(noop_api(), host="127.0.0.1", port=port, log_level="warning")
 
 
-def noop_serve(port: int, front: str) -> None:
-    """The no-op app as a Serve deployment on a local Ray instance behind `front`."""
+def noop_serve(port: int, front: str, tuned: bool = False) -> None:
+    """The no-op app as a Serve deployment on a local Ray instance behind `front`; `tuned`:
+    with the replica settings that clfsys serve uses (no access log, one event loop)."""
     import ray
     from ray import serve
 
     from clfsys import ingress
+    from clfsys.serve import REPLICA_ENV
 
     run_dir = ingress.make_run_dir()
     ingress.configure_local(front, "127.0.0.1", run_dir)
     ray.init(include_dashboard=False)
-    deployment = serve.deployment(max_ongoing_requests=256)(serve.ingress(noop_api())(
-        type("Noop", (), {})))
+    options = {"logging_config": {"enable_access_log": False},
+               "ray_actor_options": {"runtime_env": {"env_vars": REPLICA_ENV}}} if tuned else {}
+    deployment = serve.deployment(max_ongoing_requests=256, **options)(
+        serve.ingress(noop_api())(type("Noop", (), {})))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deployment.bind(), name="noop", route_prefix="/")
 
@@ -196,7 +202,17 @@ def request_bodies(blobs: list[bytes]) -> dict[str, list[tuple[bytes, dict]]]:
         "v2": [(json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                          "data": [x]}]}).encode(), as_json) for x in b64],
         "tf": [(json.dumps({"instances": [{"b64": x}]}).encode(), as_json) for x in b64],
+        "v2-binary": [v2_binary(b) for b in blobs],
     }
+
+
+def v2_binary(blob: bytes) -> tuple[bytes, dict]:
+    """A V2 request with the binary tensor extension, as tritonclient sends it by default."""
+    element = len(blob).to_bytes(4, "little") + blob
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(element)}}]}).encode()
+    return header + element, {"Content-Type": "application/octet-stream",
+                              "Inference-Header-Content-Length": str(len(header))}
 
 
 def main() -> None:
@@ -207,7 +223,7 @@ def main() -> None:
         elif mode == "noop-uvicorn":
             noop_uvicorn(int(rest[0]))
         else:
-            noop_serve(int(rest[0]), rest[1])
+            noop_serve(int(rest[0]), rest[1], tuned=rest[2:] == ["tuned"])
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", default="runs/bench/serve")
@@ -238,6 +254,8 @@ def main() -> None:
                                               "/predict", "own"),
         "ceiling: no-op Serve, HAProxy": (me + ["noop-serve", "{port}", "haproxy"],
                                           "/predict", "own"),
+        "ceiling: no-op Serve, HAProxy, clfsys's replica settings": (
+            me + ["noop-serve", "{port}", "haproxy", "tuned"], "/predict", "own"),
         "ceiling: no-op uvicorn, no Ray": (me + ["noop-uvicorn", "{port}"], "/predict", "own"),
         "peer: FastAPI, model(x) per request": (me + ["direct", bundle_dir, "{port}"],
                                                 "/predict", "own"),
@@ -249,6 +267,8 @@ def main() -> None:
             clfsys + ["--ingress", "haproxy", "--decode-threads", "0"], "/predict", "own"),
         "clfsys V2 infer, HAProxy": (clfsys + ["--ingress", "haproxy"],
                                      "/v2/models/clfsys/infer", "v2"),
+        "clfsys V2 infer, binary extension, HAProxy": (clfsys + ["--ingress", "haproxy"],
+                                                       "/v2/models/clfsys/infer", "v2-binary"),
         "clfsys TF Serving predict, HAProxy": (clfsys + ["--ingress", "haproxy"],
                                                "/v1/models/clfsys:predict", "tf"),
     }
@@ -272,24 +292,27 @@ def main() -> None:
               flush=True)
     print(f"\n## Endpoint load: {args.seconds:.0f} s per level, {len(bodies['own'])} "
           "Fashion-MNIST PNGs, 2-core machine (load generator on the same cores)")
-    print(f"| {'variant':<42} | conc | req/s  | p50 ms | p95 ms | p99 ms | errors |")
-    print(f"|{'-' * 44}|------|--------|--------|--------|--------|--------|")
+    print(f"| {'variant':<50} | conc | req/s  | p50 ms | p95 ms | p99 ms | errors |")
+    print(f"|{'-' * 52}|------|--------|--------|--------|--------|--------|")
     for name, levels in results.items():
         for c, r in levels.items():
-            print(f"| {name:<42} | {c:>4} | {r['rps']:>6.0f} | {r['p50']:>6.1f} | "
+            print(f"| {name:<50} | {c:>4} | {r['rps']:>6.0f} | {r['p50']:>6.1f} | "
                   f"{r['p95']:>6.1f} | {r['p99']:>6.1f} | {r['errors']:>6} |")
     at = {name: levels[32] for name, levels in results.items()}
     if args.only:
         return
     ours = at["clfsys /predict, HAProxy"]
     ceiling = at["ceiling: no-op Serve, HAProxy"]
+    tuned = at["ceiling: no-op Serve, HAProxy, clfsys's replica settings"]
     direct = at["peer: FastAPI, model(x) per request"]
     errors = sum(r["errors"] for levels in results.values() for r in levels.values())
     print(f"\nAt concurrency 32, clfsys /predict behind HAProxy: {ours['rps']:.0f} req/s = "
           f"{ours['rps'] / ceiling['rps']:.2f}x the HAProxy no-op ceiling (target >= 0.7x), "
           f"p99 {ours['p99']:.0f} ms (target <= 50), {ours['rps'] / direct['rps']:.1f}x the "
-          f"direct-call app (target >= 3x); errors in the whole run: {errors} (target 0)")
-    for route in ("clfsys V2 infer, HAProxy", "clfsys TF Serving predict, HAProxy",
+          f"direct-call app (target >= 3x); errors in the whole run: {errors} (target 0); "
+          f"{ours['rps'] / tuned['rps']:.2f}x the no-op with clfsys's replica settings")
+    for route in ("clfsys V2 infer, HAProxy", "clfsys V2 infer, binary extension, HAProxy",
+                  "clfsys TF Serving predict, HAProxy",
                   "clfsys /predict, Serve proxy", "clfsys /predict, HAProxy, decode on loop"):
         print(f"  {route}: {at[route]['rps']:.0f} req/s = {at[route]['rps'] / ours['rps']:.2f}x "
               f"/predict behind HAProxy, p99 {at[route]['p99']:.0f} ms")

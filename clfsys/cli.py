@@ -122,8 +122,14 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 
     for flag, f in option_fields():
         kind = f.metadata["type"] or type(f.default)
-        parser.add_argument(flag, type=kind, default=f.default, metavar=flag[2:].upper(),
-                            help=f"{f.metadata['help']} (default: {f.default})")
+        shown = ("on" if f.default else "off") if kind is bool else f.default
+        help = f"{f.metadata['help']} (default: {shown})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default,
+                                metavar=flag[2:].upper(), help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ out in place of the old one and exits. `app_builder` is the import path for `ser
 
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,11 @@ from clfsys.errors import ClfsysError, IncompleteError
 
 APP_NAME = "clfsys"
 DEPLOYMENT = "Classifier"
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+"""Read by Serve in each replica: requests run on the replica's own event loop instead of
+hopping to a second loop in another thread (the model itself runs in a worker thread)."""
+HANDLE_TTL_S = 5.0
+"""How long the root application trusts its handle to another model's application."""
 INLINE_DECODE_BYTES = 16 * 1024
 """Bodies up to this size are decoded on the event loop; larger ones in the decode threads."""
 
@@ -72,6 +78,8 @@ class ServeOptions:
     request_timeout_s: float = _opt(30.0, "end-to-end timeout of a request")
     auth_token_env: str | None = _opt(None, "require 'Authorization: Bearer <token>', the token "
                                       "read from this environment variable", str)
+    access_log: bool = _opt(False, "write Serve's access log line per request to the replicas' "
+                            "log files (request counts and latency are in the metrics anyway)")
 
     @property
     def route_prefix(self) -> str:
@@ -169,6 +177,7 @@ class ModelServer:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.max_batch_size = options.max_batch_size
         self.metrics = ReplicaMetrics(name, self.model_id)
+        self._handles: dict[str, tuple[Any, float]] = {}
         self._decoder = (ThreadPoolExecutor(options.decode_threads, "decode")
                          if options.decode_threads else None)
         self._batched = serve.batch(max_batch_size=options.max_batch_size,
@@ -181,7 +190,41 @@ class ModelServer:
         from clfsys import http_api
 
         limits = http_api.Limits(max_body_bytes=int(self.options.max_body_mb * 1024 * 1024))
-        return http_api.build_api(self, limits, self.token_sha256, self.metrics)
+        self._api = http_api.build_api(self, limits, self.token_sha256, self.metrics)
+        if self.options.route_prefix != "/":
+            return self._api
+        return http_api.NameRouter(self._api, self.name, self.forward, limits)
+
+    async def forward(self, name: str, request: dict[str, Any]):
+        """A request for model `name`, answered by that application's replicas (None when no
+        clfsys model of that name runs on this cluster)."""
+        from ray import serve
+        from ray.serve.exceptions import RayServeException
+
+        handle, resolved = self._handles.get(name, (None, 0.0))
+        if handle is None or time.monotonic() - resolved > HANDLE_TTL_S:
+            try:  # (the controller's answer; a blocking call, so off the event loop)
+                handle = await asyncio.to_thread(serve.get_app_handle, name)
+            except RayServeException:
+                self._handles.pop(name, None)
+                return None
+            self._handles[name] = (handle, time.monotonic())
+        try:
+            return await asyncio.wait_for(handle.answer_forwarded.remote(request),
+                                          self.options.request_timeout_s)
+        except Exception as exc:  # noqa: BLE001 (any failure of the other app: a 502 here)
+            self._handles.pop(name, None)
+            from clfsys.http_api import Forwarded
+
+            body = json.dumps({"error": f"model {name!r} did not answer: "
+                               f"{type(exc).__name__}: {str(exc)[:200]}"}).encode()
+            return Forwarded(502, [(b"content-type", b"application/json")], body)
+
+    async def answer_forwarded(self, request: dict[str, Any]):
+        """Called by the root application's `forward`: the request through this app's routes."""
+        from clfsys.http_api import call_asgi
+
+        return await call_asgi(self._api, request)
 
     def check_health(self) -> None:  # Serve calls this; raising marks the replica dead
         if self.predictor is None:
@@ -224,8 +267,10 @@ def build_app(model: str | Path, options: ServeOptions | None = None,
     config: dict[str, Any] = {
         "name": DEPLOYMENT, "graceful_shutdown_timeout_s": 20, "health_check_period_s": 2,
         "health_check_timeout_s": 10,
-        "ray_actor_options": {"num_cpus": 1, "num_gpus": options.num_gpus},
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": options.num_gpus,
+                              "runtime_env": {"env_vars": REPLICA_ENV}},
         "max_ongoing_requests": max(64, 4 * options.max_batch_size),
+        "logging_config": {"enable_access_log": options.access_log},
     }
     if options.max_replicas_per_node:
         config["max_replicas_per_node"] = options.max_replicas_per_node

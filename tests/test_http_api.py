@@ -245,3 +245,52 @@ def test_haproxy_listeners_on_all_interfaces_move_to_loopback():
     assert "bind 127.0.0.1:9101" in out and "bind 127.0.0.1:8404" in out
     assert "bind 127.0.0.1:8405" in out and "bind 127.0.0.1:8000" in out
     assert "server s1 10.0.0.5:30000 check" in out  # backends untouched
+
+
+def test_the_root_app_routes_standard_protocols_to_other_models_by_name(predictor):
+    """NameRouter in front of the root model hands /v2 and /v1 requests for another name to
+    that model's app (here in-process, as the Serve replica does over a handle): the other
+    model's own auth applies, and a name nobody serves is the root model's 404."""
+    import tritonclient.http as triton
+
+    from clfsys import http_api as h
+
+    limits = h.Limits(max_body_bytes=1024 * 1024)
+    secure = h.build_api(h.DirectBackend(predictor, name="secure"), limits,
+                         token_sha256=h.token_digest(TOKEN))
+    asked = []
+
+    async def forward(name, request):
+        asked.append(name)
+        return await h.call_asgi(secure, request) if name == "secure" else None
+
+    server = Uvicorn(h.NameRouter(h.build_api(h.DirectBackend(predictor), limits), "clfsys",
+                                  forward, limits))
+    try:
+        blobs = [png_bytes(i % 3, 70 + i) for i in range(3)]
+        expected = [r["label_index"] for r in predictor.rows(
+            np.stack([predictor.decode(b) for b in blobs]))]
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        assert client.is_server_ready() and client.is_model_ready("secure")
+        tensor = triton.InferInput("image", [3], "BYTES")
+        tensor.set_data_from_numpy(np.array(blobs, dtype=np.object_))
+        result = client.infer("secure", [tensor], headers=dict(auth))
+        assert result.as_numpy("label_index").tolist() == expected
+        assert client.get_model_metadata("secure", headers=dict(auth))["name"] == "secure"
+        body = {"instances": [{"b64": base64.b64encode(b).decode()} for b in blobs]}
+        refused = requests.post(f"{server.url}/v1/models/secure:predict", json=body, timeout=30)
+        assert refused.status_code == 401 and "token" in refused.json()["error"]
+        tf = requests.post(f"{server.url}/v1/models/secure:predict", json=body, headers=auth,
+                           timeout=30)
+        assert [p["label_index"] for p in tf.json()["predictions"]] == expected
+        missing = requests.post(f"{server.url}/v2/models/nobody/infer", json={}, timeout=30)
+        assert missing.status_code == 404 and "'nobody'" in missing.json()["error"]
+        assert requests.post(f"{server.url}/v1/models/clfsys:predict", json=body,
+                             timeout=30).status_code == 200
+        assert "clfsys" not in asked and "nobody" in asked
+        too_big = requests.post(f"{server.url}/v2/models/secure/infer", data=b"x" * (2 << 20),
+                                headers={"Content-Type": "application/json"}, timeout=30)
+        assert too_big.status_code == 413
+    finally:
+        server.stop()

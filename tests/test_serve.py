@@ -189,7 +189,9 @@ def test_standard_protocols_through_the_ingress(endpoint, predictor):
     host = endpoint.url.removeprefix("http://")
     for client, name, headers in (
             (triton.InferenceServerClient(host), "clfsys", {}),
-            (triton.InferenceServerClient(f"{host}/secure"), "secure", AUTH)):
+            (triton.InferenceServerClient(f"{host}/secure"), "secure", AUTH),
+            # The root application hands another name's V2 requests to that model.
+            (triton.InferenceServerClient(host), "secure", AUTH)):
         assert client.is_server_ready() and client.is_model_ready(name)
         tensor = triton.InferInput("image", [3], "BYTES")
         tensor.set_data_from_numpy(np.array(blobs, dtype=np.object_))
@@ -205,8 +207,12 @@ def test_standard_protocols_through_the_ingress(endpoint, predictor):
     body = {"instances": [{"b64": base64.b64encode(b).decode()} for b in blobs]}
     tf = requests.post(f"{endpoint.url}/v1/models/clfsys:predict", json=body, timeout=30)
     assert [p["label_index"] for p in tf.json()["predictions"]] == expected
-    assert requests.post(f"{endpoint.url}/secure/v1/models/secure:predict", json=body,
-                         timeout=30).status_code == 401
+    for prefix in ("/secure", ""):
+        url = f"{endpoint.url}{prefix}/v1/models/secure:predict"
+        assert requests.post(url, json=body, timeout=30).status_code == 401
+        assert [p["label_index"] for p in requests.post(url, json=body, headers=AUTH, timeout=30)
+                .json()["predictions"]] == expected
+    assert requests.get(f"{endpoint.url}/v2/models/nobody", timeout=30).status_code == 404
     refused = requests.post(f"{endpoint.url}/v2/models/clfsys/infer", timeout=30, json={
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["!!"]}]})
     assert refused.status_code == 400 and "base64" in refused.json()["error"]
