@@ -13,8 +13,9 @@ on exported Fashion-MNIST test PNGs, against, in the same run:
   threads, and the Open Inference Protocol (V2: base64 in JSON, and the binary tensor extension
   that tritonclient uses by default) and TF Serving routes behind HAProxy.
 
-It prints requests/s, p50/p95/p99 latency and errors per level, then the targets at
-concurrency 32.
+The protocols of one server (/predict, V2, TF Serving behind HAProxy) are measured on the same
+server, level by level in turn. It prints requests/s, p50/p95/p99 latency and errors per level,
+then the targets at concurrency 32.
 """
 
 
@@ -274,22 +275,35 @@ def main() -> None:
     }
     if args.only:
         variants = {k: v for k, v in variants.items() if args.only in k}
+    # Variants with the same command (the protocols of one server) share one server and are
+    # measured level by level in turn, so that they compare under the same conditions.
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, (command, _, _) in variants.items():
+        groups.setdefault(tuple(command), []).append(name)
     results: dict[str, dict[int, dict]] = {}
-    for name, (command, path, protocol) in variants.items():
+    for command, names in groups.items():
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        command = list(command)
         if command[:len(clfsys)] == clfsys:
             command = command + ["--port", str(port), "--metrics-port", str(free_port())]
         command = [c.replace("{port}", str(port)) for c in command]
         proc = start(command, url, work / f"server_{port}.log")
         try:
-            asyncio.run(load_level(url + path, bodies[protocol], 8, 3))  # warm-up
-            results[name] = {c: asyncio.run(load_level(url + path, bodies[protocol], c,
-                                                       args.seconds)) for c in LEVELS}
+            for name in names:  # warm-up
+                _, path, protocol = variants[name]
+                asyncio.run(load_level(url + path, bodies[protocol], 8, 3))
+            for c in LEVELS:
+                for name in names:
+                    _, path, protocol = variants[name]
+                    results.setdefault(name, {})[c] = asyncio.run(load_level(
+                        url + path, bodies[protocol], c, args.seconds))
         finally:
             stop(proc)
-        print(f"measured {name}: {results[name][32]['rps']:.0f} req/s at 32", file=sys.stderr,
-              flush=True)
+        for name in names:
+            print(f"measured {name}: {results[name][32]['rps']:.0f} req/s at 32",
+                  file=sys.stderr, flush=True)
+    results = {name: results[name] for name in variants}
     print(f"\n## Endpoint load: {args.seconds:.0f} s per level, {len(bodies['own'])} "
           "Fashion-MNIST PNGs, 2-core machine (load generator on the same cores)")
     print(f"| {'variant':<50} | conc | req/s  | p50 ms | p95 ms | p99 ms | errors |")

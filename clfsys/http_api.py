@@ -443,23 +443,21 @@ V2_OUTPUTS = ("label", "label_index", "confidence", "probabilities")
 
 
 def v2_outputs(rows: list[dict[str, Any]], requested: list[V2RequestedOutput] | None,
-               classes: int) -> list[V2Tensor]:
+               classes: int) -> list[dict[str, Any]]:
+    """The requested output tensors (all by default), each shaped as a V2Tensor."""
     n = len(rows)
     names = [o.name for o in requested] if requested else list(V2_OUTPUTS)
     unknown = [name for name in names if name not in V2_OUTPUTS]
     if unknown:
         raise HttpError(400, f"unknown output {unknown[0]!r}; outputs are {', '.join(V2_OUTPUTS)}")
     tensors = {
-        "label": V2Tensor(name="label", datatype="BYTES", shape=[n],
-                          data=[r["label"] for r in rows]),
-        "label_index": V2Tensor(name="label_index", datatype="INT64", shape=[n],
-                                data=[r["label_index"] for r in rows]),
-        "confidence": V2Tensor(name="confidence", datatype="FP32", shape=[n],
-                               data=[r["confidence"] for r in rows]),
-        "probabilities": V2Tensor(name="probabilities", datatype="FP32", shape=[n, classes],
-                                  data=[p for r in rows for p in r["probabilities"]]),
+        "label": ("BYTES", [n], [r["label"] for r in rows]),
+        "label_index": ("INT64", [n], [r["label_index"] for r in rows]),
+        "confidence": ("FP32", [n], [r["confidence"] for r in rows]),
+        "probabilities": ("FP32", [n, classes], [p for r in rows for p in r["probabilities"]]),
     }
-    return [tensors[name] for name in names]
+    return [{"name": name, "datatype": tensors[name][0], "shape": tensors[name][1],
+             "data": tensors[name][2]} for name in names]
 
 
 def tf_instances(request: TFServingPredictRequest,

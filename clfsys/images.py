@@ -112,7 +112,7 @@ def decode(
             side = max(size)
             im.draft("L" if color_mode == "grayscale" else None, (side, side))
             im.load()  # decode fully now so truncation shows up here
-            im = ImageOps.exif_transpose(im) or im
+            ImageOps.exif_transpose(im, in_place=True)  # (not in place: always a copy)
             im = _fit(_convert(im, color_mode), size, resize)
             arr = np.asarray(im, dtype=np.uint8)
     except ImageError:

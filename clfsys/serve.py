@@ -37,9 +37,12 @@ from clfsys.errors import ClfsysError, IncompleteError
 
 APP_NAME = "clfsys"
 DEPLOYMENT = "Classifier"
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-"""Read by Serve in each replica: requests run on the replica's own event loop instead of
-hopping to a second loop in another thread (the model itself runs in a worker thread)."""
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+               "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+"""The environment of each replica. Serve: requests run on the replica's own event loop instead
+of hopping to a second loop in another thread (the model itself runs in a worker thread).
+TensorFlow: one compute thread, as the replica holds one CPU (by default TF's pools take every
+core of the node, and their threads compete with the event loop)."""
 HANDLE_TTL_S = 5.0
 """How long the root application trusts its handle to another model's application."""
 INLINE_DECODE_BYTES = 16 * 1024
