@@ -9,9 +9,10 @@ on exported Fashion-MNIST test PNGs, against, in the same run:
   ones `clfsys serve` uses), and a plain uvicorn no-op app without Ray;
 - peers: a plain FastAPI/uvicorn app that calls the model directly (`model(x)`) once per
   request, and the unbatched deployment (max batch size 1);
-- clfsys: batched `/predict` under both ingresses, decoding on the event loop instead of in
-  threads, and the Open Inference Protocol (V2: base64 in JSON, and the binary tensor extension
-  that tritonclient uses by default) and TF Serving routes behind HAProxy.
+- clfsys: batched `/predict` under both ingresses, on real photos (hymenoptera JPEGs) with
+  decoding in threads and on the event loop, and the Open Inference Protocol (V2: base64 in
+  JSON, and the binary tensor extension that tritonclient uses by default) and TF Serving
+  routes behind HAProxy.
 
 The protocols of one server (/predict, V2, TF Serving behind HAProxy) are measured on the same
 server, level by level in turn. It prints requests/s, p50/p95/p99 latency and errors per level,
@@ -230,6 +231,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench/serve")
     parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
     parser.add_argument("--model", help="bundle (default: the seed CNN, trained for 1 epoch)")
+    parser.add_argument("--photos", default=str(ROOT.parent / "shared/data/hymenoptera"),
+                        help="folder of JPEG photos for the decode-off-the-loop comparison")
     parser.add_argument("--only", help="measure only the variants whose name contains this "
                         "(a quick check; the targets need the whole run)")
     args = parser.parse_args()
@@ -247,6 +250,8 @@ def main() -> None:
                         "--limit", "500", "--out", str(images)], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
     bodies = request_bodies([p.read_bytes() for p in sorted(images.rglob("*.png"))])
+    photos = sorted(Path(args.photos).rglob("*.jpg"))
+    bodies["photos"] = [(p.read_bytes(), {"Content-Type": "image/jpeg"}) for p in photos]
     me = [sys.executable, "benchmarks/serve.py"]
     clfsys = [sys.executable, "-m", "clfsys.cli", "serve", "--model", bundle_dir]
     # name: (command without the port, path, protocol)
@@ -264,8 +269,10 @@ def main() -> None:
                                                 "/predict", "own"),
         "clfsys /predict, Serve proxy": (clfsys + ["--ingress", "proxy"], "/predict", "own"),
         "clfsys /predict, HAProxy": (clfsys + ["--ingress", "haproxy"], "/predict", "own"),
-        "clfsys /predict, HAProxy, decode on loop": (
-            clfsys + ["--ingress", "haproxy", "--decode-threads", "0"], "/predict", "own"),
+        "clfsys /predict, HAProxy, photos decoded in threads": (
+            clfsys + ["--ingress", "haproxy"], "/predict", "photos"),
+        "clfsys /predict, HAProxy, photos decoded on the loop": (
+            clfsys + ["--ingress", "haproxy", "--decode-threads", "0"], "/predict", "photos"),
         "clfsys V2 infer, HAProxy": (clfsys + ["--ingress", "haproxy"],
                                      "/v2/models/clfsys/infer", "v2"),
         "clfsys V2 infer, binary extension, HAProxy": (clfsys + ["--ingress", "haproxy"],
@@ -273,6 +280,10 @@ def main() -> None:
         "clfsys TF Serving predict, HAProxy": (clfsys + ["--ingress", "haproxy"],
                                                "/v1/models/clfsys:predict", "tf"),
     }
+    if not photos:
+        print(f"no JPEG photos under {args.photos}: the photo variants are left out",
+              file=sys.stderr)
+        variants = {k: v for k, v in variants.items() if v[2] != "photos"}
     if args.only:
         variants = {k: v for k, v in variants.items() if args.only in k}
     # Variants with the same command (the protocols of one server) share one server and are
@@ -327,9 +338,15 @@ def main() -> None:
           f"{ours['rps'] / tuned['rps']:.2f}x the no-op with clfsys's replica settings")
     for route in ("clfsys V2 infer, HAProxy", "clfsys V2 infer, binary extension, HAProxy",
                   "clfsys TF Serving predict, HAProxy",
-                  "clfsys /predict, Serve proxy", "clfsys /predict, HAProxy, decode on loop"):
+                  "clfsys /predict, Serve proxy"):
         print(f"  {route}: {at[route]['rps']:.0f} req/s = {at[route]['rps'] / ours['rps']:.2f}x "
               f"/predict behind HAProxy, p99 {at[route]['p99']:.0f} ms")
+    threads = at.get("clfsys /predict, HAProxy, photos decoded in threads")
+    loop = at.get("clfsys /predict, HAProxy, photos decoded on the loop")
+    if threads and loop:
+        print(f"  photos ({len(bodies['photos'])} JPEGs): decoded in threads {threads['rps']:.0f} "
+              f"req/s, p99 {threads['p99']:.0f} ms; on the event loop {loop['rps']:.0f} req/s, "
+              f"p99 {loop['p99']:.0f} ms")
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -115,7 +115,7 @@ def endpoint(request, trained_bundle, tmp_path_factory):
         # A second model on the same Ray instance, with auth on, under /secure.
         secure = clfsys_serve(logs / "secure.log", cluster_env, "--model", str(trained_bundle),
                               "--name", "secure", "--port", str(port), "--auth-token-env",
-                              "CLFSYS_TEST_TOKEN")
+                              "CLFSYS_TEST_TOKEN", "--access-log")
         secure.wait_healthy(f"{url}/secure")
         yield Endpoint(ingress, url, f"http://127.0.0.1:{metrics_port}/metrics", main, secure,
                        cluster_env)
@@ -269,6 +269,29 @@ def test_200_concurrent_requests_all_succeed(endpoint):
             return await asyncio.gather(*(one(i) for i in range(200)))
 
     assert asyncio.run(main()) == [200] * 200
+
+
+def test_the_access_log_is_written_only_when_asked(endpoint):
+    """The default model runs without --access-log, the secure one with it: only the secure
+    model's replicas write Serve's line per request to their log files."""
+    url = endpoint.url
+    for _ in range(3):
+        assert requests.post(f"{url}/predict", data=png_bytes(0, 5), headers=PNG,
+                             timeout=30).status_code == 200
+        assert requests.post(f"{url}/secure/predict", data=png_bytes(0, 5),
+                             headers={**PNG, **AUTH}, timeout=30).status_code == 200
+    logs = Path("/tmp/ray/session_latest/logs/serve")  # the Ray instance `clfsys serve` started
+
+    def access_lines(app: str) -> int:
+        return sum(len(re.findall(r" -- POST \S*predict 200 ", f.read_text()))
+                   for f in logs.glob(f"replica_{app}_Classifier_*.log"))
+
+    deadline = time.monotonic() + 30
+    while access_lines("secure") < 3:
+        assert time.monotonic() < deadline, sorted(p.name for p in logs.iterdir())
+        time.sleep(0.5)
+    assert list(logs.glob("replica_clfsys_Classifier_*.log"))
+    assert access_lines("clfsys") == 0
 
 
 def scrape(url: str, needed: dict[str, float], timeout_s: float = 90) -> dict:
