@@ -751,16 +751,20 @@ class NameRouter:
                    "headers": list(scope.get("headers", [])), "body": b"".join(chunks)}
         answer = await self.forward(found.group(1), request)
         if answer is None:
-            replay = iter([{"type": "http.request", "body": request["body"],
-                            "more_body": False}])
-            return await self.app(scope, lambda: _next_or_disconnect(replay), send)
+            return await self.app(scope, _receive_once(request["body"]), send)
         await send({"type": "http.response.start", "status": answer.status,
                     "headers": answer.headers})
         await send({"type": "http.response.body", "body": answer.body})
 
 
-async def _next_or_disconnect(messages):
-    return next(messages, {"type": "http.disconnect"})
+def _receive_once(body: bytes):
+    """An ASGI `receive` that gives the whole `body`, then a disconnect."""
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})
+
+    return receive
 
 
 async def _send_json(send, status: int, content: dict[str, Any]) -> None:
@@ -776,7 +780,6 @@ async def call_asgi(app, request: dict[str, Any]) -> Forwarded:
              "method": request["method"], "scheme": "http", "path": request["path"],
              "raw_path": request["path"].encode(), "query_string": request["query_string"],
              "root_path": "", "headers": request["headers"], "client": None, "server": None}
-    replay = iter([{"type": "http.request", "body": request["body"], "more_body": False}])
     status, headers, body = 500, [], []
 
     async def send(message):
@@ -786,7 +789,7 @@ async def call_asgi(app, request: dict[str, Any]) -> Forwarded:
         elif message["type"] == "http.response.body":
             body.append(message.get("body", b""))
 
-    await app(scope, lambda: _next_or_disconnect(replay), send)
+    await app(scope, _receive_once(request["body"]), send)
     return Forwarded(status, headers, b"".join(body))
 
 

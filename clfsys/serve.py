@@ -1,8 +1,9 @@
 """Online endpoint: a Ray Serve deployment (`ModelServer`) whose HTTP routes come from
 clfsys.http_api, in front of Serve's HAProxy ingress or its Python proxy (clfsys.ingress).
 
-Each replica hosts one Predictor. Requests are batched adaptively with `@serve.batch`; batches
-of any size go through the Predictor's one fixed-signature function, so nothing retraces and no
+Each replica hosts one Predictor. Requests are batched by clfsys.batcher: a batch forms when
+the model is free and waits only for requests already being decoded; batches of any size go
+through the Predictor's one fixed-signature function, so nothing retraces and no
 batch is padded (padding made every lone request cost a full batch). Images over 16 KiB are
 decoded in a thread pool, off the replica's event loop; smaller ones decode faster than the
 hop to a thread. Metrics go to Ray's metrics agent, which every
@@ -72,7 +73,8 @@ class ServeOptions:
     max_replicas_per_node: int | None = _opt(None, "spread replicas: at most this many on one "
                                              "node", int)
     max_batch_size: int = _opt(32, "largest batch a replica runs")
-    batch_wait_ms: float = _opt(5.0, "how long a batch waits to fill")
+    batch_wait_ms: float = _opt(5.0, "longest a batch waits for requests already on their "
+                                "way (a lone request does not wait)")
     decode_threads: int = _opt(2, "threads per replica decoding images over 16 KiB off the "
                                "event loop (0: decode every image on the event loop)")
     num_gpus: float = _opt(0.0, "GPUs per replica")
@@ -167,8 +169,8 @@ class ModelServer:
 
     def __init__(self, source, name: str, options: ServeOptions, token_sha256: str | None):
         import ray
-        from ray import serve
 
+        from clfsys.batcher import Batcher
         from clfsys.predict import Predictor
 
         self.predictor = Predictor(source.open(), top_k=options.top_k)
@@ -183,11 +185,9 @@ class ModelServer:
         self._handles: dict[str, tuple[Any, float]] = {}
         self._decoder = (ThreadPoolExecutor(options.decode_threads, "decode")
                          if options.decode_threads else None)
-        self._batched = serve.batch(max_batch_size=options.max_batch_size,
-                                    batch_wait_timeout_s=options.batch_wait_ms / 1000)(
-            self._predict_batch)
+        self._batcher = Batcher(self._run, options.max_batch_size, options.batch_wait_ms / 1000)
         # Warm-up: trace the model function before reporting ready.
-        self._run([np.zeros(self.input_shape, dtype=np.uint8)])
+        self.predictor.rows(np.zeros((1, *self.input_shape), dtype=np.uint8))
 
     def __serve_build_asgi_app__(self):
         from clfsys import http_api
@@ -240,19 +240,21 @@ class ModelServer:
     async def decode(self, data: bytes) -> np.ndarray:
         # A small image decodes faster than a hop to a thread and back (28x28 PNGs: 1,033 vs
         # 757 requests/s in benchmarks/serve.py); a large one would stall every other request.
-        if self._decoder is None or len(data) <= INLINE_DECODE_BYTES:
-            return self.predictor.decode(data)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._decoder, self.predictor.decode, data)
+        self._batcher.expect()  # (the next batch may wait for this image)
+        try:
+            if self._decoder is None or len(data) <= INLINE_DECODE_BYTES:
+                return self.predictor.decode(data)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._decoder, self.predictor.decode, data)
+        except BaseException:
+            self._batcher.unexpect()
+            raise
 
     async def classify(self, image: np.ndarray) -> dict[str, Any]:
-        return await self._batched(image)
-
-    async def _predict_batch(self, batch: list[np.ndarray]) -> list[dict[str, Any]]:
-        self.metrics.batch(len(batch))
-        return await asyncio.to_thread(self._run, batch)
+        return await self._batcher.submit(image)
 
     def _run(self, batch: list[np.ndarray]) -> list[dict[str, Any]]:
+        self.metrics.batch(len(batch))
         return self.predictor.rows(np.stack(batch))
 
 
