@@ -82,11 +82,12 @@ class Batcher:
                 continue
             try:
                 results = await asyncio.to_thread(self.run, [item for item, _ in live])
+                answers = list(zip(live, results, strict=True))
             except Exception as exc:  # noqa: BLE001 (every caller of the batch gets it)
                 for _, future in live:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), result in zip(live, results, strict=True):
+            for (_, future), result in answers:
                 if not future.done():
                     future.set_result(result)
