@@ -36,6 +36,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from clfsys import images
 
@@ -735,20 +736,16 @@ class NameRouter:
         found = self.ROUTE.match(scope.get("path", "")) if scope["type"] == "http" else None
         if found is None or found.group(1) == self.own_name:
             return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.limits.max_body_bytes:
-                return await _send_json(send, 413, {"error": f"body exceeds the "
-                                                    f"{self.limits.max_body_bytes:,}-byte limit"})
+        try:
+            body = await read_body(Request(scope, receive), self.limits)
+        except HttpError as exc:
+            error = JSONResponse({"error": exc.message}, status_code=exc.status)
+            return await error(scope, receive, send)
+        except ClientDisconnect:
+            return
         request = {"method": scope["method"], "path": scope["path"],
                    "query_string": scope.get("query_string", b""),
-                   "headers": list(scope.get("headers", [])), "body": b"".join(chunks)}
+                   "headers": list(scope.get("headers", [])), "body": body}
         answer = await self.forward(found.group(1), request)
         if answer is None:
             return await self.app(scope, _receive_once(request["body"]), send)
@@ -765,13 +762,6 @@ def _receive_once(body: bytes):
         return next(messages, {"type": "http.disconnect"})
 
     return receive
-
-
-async def _send_json(send, status: int, content: dict[str, Any]) -> None:
-    body = json.dumps(content).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def call_asgi(app, request: dict[str, Any]) -> Forwarded:
