@@ -14,9 +14,15 @@ on exported Fashion-MNIST test PNGs, against, in the same run:
   JSON, and the binary tensor extension that tritonclient uses by default) and TF Serving
   routes behind HAProxy.
 
-The protocols of one server (/predict, V2, TF Serving behind HAProxy) are measured on the same
-server, level by level in turn. It prints requests/s, p50/p95/p99 latency and errors per level,
-then the targets at concurrency 32.
+Everything behind one ingress runs on one Ray instance, as one cluster serves several models:
+the HAProxy no-ops, clfsys's default app (/predict, V2, TF Serving, photos), the unbatched
+deployment and a clfsys app that decodes on the loop are applications of the same Serve
+instance behind the same HAProxy. Each level is measured in rounds (`--rounds`, of `--seconds`
+each), every round visiting every variant of that instance in turn, the order rotating. So a
+ratio (clfsys / no-op, V2 / /predict) compares measurements taken seconds apart under the same
+conditions; it is reported per round, as the median and range over the rounds. The table gives
+medians, and the range of requests/s over the rounds, since on a small shared machine one
+window can be a third off another.
 """
 
 
@@ -25,6 +31,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,24 +98,23 @@ def noop_uvicorn(port: int) -> None:
     uvicorn.run(noop_api(), host="127.0.0.1", port=port, log_level="warning")
 
 
-def noop_serve(port: int, front: str, tuned: bool = False) -> None:
-    """The no-op app as a Serve deployment on a local Ray instance behind `front`; `tuned`:
-    with the replica settings that clfsys serve uses (no access log, one event loop)."""
+def noop_serve(name: str, tuned: bool = False) -> None:
+    """The no-op app as Serve application `name` at /`name`, on the Ray instance in RAY_ADDRESS
+    (the one a `clfsys serve` of the same run started); `tuned`: with the replica settings that
+    clfsys serve uses (no access log, one event loop). No CPU is reserved for it, so that it
+    fits beside the clfsys replicas; that is bookkeeping, not a limit."""
     import ray
     from ray import serve
 
-    from clfsys import ingress
     from clfsys.serve import REPLICA_ENV
 
-    run_dir = ingress.make_run_dir()
-    ingress.configure_local(front, "127.0.0.1", run_dir)
-    ray.init(include_dashboard=False)
+    ray.init()
     options = {"logging_config": {"enable_access_log": False},
-               "ray_actor_options": {"runtime_env": {"env_vars": REPLICA_ENV}}} if tuned else {}
+               "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}}
+               } if tuned else {"ray_actor_options": {"num_cpus": 0}}
     deployment = serve.deployment(max_ongoing_requests=256, **options)(
         serve.ingress(noop_api())(type("Noop", (), {})))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployment.bind(), name="noop", route_prefix="/")
+    serve.run(deployment.bind(), name=name, route_prefix=f"/{name}")
 
     def stop(*_):
         raise KeyboardInterrupt
@@ -120,9 +126,7 @@ def noop_serve(port: int, front: str, tuned: bool = False) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        ingress.stop_haproxy(run_dir)
+        serve.delete(name)
 
 
 async def load_level(url: str, bodies: list[tuple[bytes, dict]], concurrency: int,
@@ -167,11 +171,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: list[str], url: str, log: Path) -> subprocess.Popen:
+def start(command: list[str], url: str, log: Path, env: dict | None = None
+          ) -> subprocess.Popen:
     import urllib.request
 
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"), start_new_session=True)
+                            stderr=open(log, "w"), start_new_session=True, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -217,6 +222,73 @@ def v2_binary(blob: bytes) -> tuple[bytes, dict]:
                               "Inference-Header-Content-Length": str(len(header))}
 
 
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """One variant at one level over the rounds: medians, the requests/s range, all errors."""
+    rps = [r["rps"] for r in rounds]
+    return {"rps": median(rps), "rps_min": min(rps), "rps_max": max(rps),
+            **{q: median([r[q] for r in rounds]) for q in ("p50", "p95", "p99")},
+            "errors": sum(r["errors"] for r in rounds), "rounds": rounds}
+
+
+def paired(results: dict, name: str, base: str, level: int = 32) -> tuple[float, float, float]:
+    """Median, min and max over the rounds of name's requests/s over base's in the same round."""
+    ratios = [x["rps"] / y["rps"] for x, y in zip(results[name][level]["rounds"],
+                                                  results[base][level]["rounds"], strict=True)]
+    return median(ratios), min(ratios), max(ratios)
+
+
+def ray_address(log: Path) -> str:
+    """The address of the Ray instance a `clfsys serve` started, from its "serving" line."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = re.search(r"Ray at ([0-9.]+:\d+)", log.read_text())
+        if found:
+            return found.group(1)
+        time.sleep(0.5)
+    sys.exit(f"no Ray address in {log}")
+
+
+def measure_group(servers: list[tuple[list[str], str]], names: list[str], variants: dict,
+                  bodies: dict, args, work: Path) -> dict[str, dict[int, list[dict]]]:
+    """Start the group's servers (the first starts the Ray instance, the others join it), then
+    for each level, round after round, measure every variant in turn (the order rotates)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    procs: list[subprocess.Popen] = []
+    results: dict[str, dict[int, list[dict]]] = {name: {} for name in names}
+    try:
+        for i, (command, prefix) in enumerate(servers):
+            command = [c.replace("{port}", str(port)) for c in command]
+            if "clfsys.cli" in command:
+                command += ["--port", str(port)]
+                if i == 0:
+                    command += ["--metrics-port", str(free_port())]
+            log = work / f"server_{port}_{i}.log"
+            procs.append(start(command, url + prefix, log, env))
+            if i == 0 and len(servers) > 1:
+                env = {**env, "RAY_ADDRESS": ray_address(log), "RAY_AUTH_MODE": "token"}
+        for name in names:  # warm-up
+            _, path, protocol = variants[name]
+            asyncio.run(load_level(url + path, bodies[protocol], 8, 3))
+        for c in LEVELS:
+            for r in range(args.rounds):
+                turn = r % len(names)
+                for name in names[turn:] + names[:turn]:
+                    _, path, protocol = variants[name]
+                    results[name].setdefault(c, []).append(asyncio.run(load_level(
+                        url + path, bodies[protocol], c, args.seconds)))
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    return results
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("direct", "noop-uvicorn", "noop-serve"):
         mode, rest = sys.argv[1], sys.argv[2:]
@@ -225,11 +297,13 @@ def main() -> None:
         elif mode == "noop-uvicorn":
             noop_uvicorn(int(rest[0]))
         else:
-            noop_serve(int(rest[0]), rest[1], tuned=rest[2:] == ["tuned"])
+            noop_serve(rest[0], tuned=rest[1:] == ["tuned"])
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", default="runs/bench/serve")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per level and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements of each variant at each level, interleaved")
     parser.add_argument("--model", help="bundle (default: the seed CNN, trained for 1 epoch)")
     parser.add_argument("--photos", default=str(ROOT.parent / "shared/data/hymenoptera"),
                         help="folder of JPEG photos for the decode-off-the-loop comparison")
@@ -250,35 +324,44 @@ def main() -> None:
                         "--limit", "500", "--out", str(images)], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
     bodies = request_bodies([p.read_bytes() for p in sorted(images.rglob("*.png"))])
-    photos = sorted(Path(args.photos).rglob("*.jpg"))
+    photos = sorted(p for p in Path(args.photos).rglob("*") if p.suffix.lower() in
+                    (".jpg", ".jpeg"))
     bodies["photos"] = [(p.read_bytes(), {"Content-Type": "image/jpeg"}) for p in photos]
     me = [sys.executable, "benchmarks/serve.py"]
     clfsys = [sys.executable, "-m", "clfsys.cli", "serve", "--model", bundle_dir]
-    # name: (command without the port, path, protocol)
+    # Each group is one Ray instance (or one plain process) with its servers: the first starts
+    # it, the others add their application to it. (command, URL prefix of its /healthz)
+    groups = {
+        "haproxy": [(clfsys + ["--ingress", "haproxy"], ""),
+                    (me + ["noop-serve", "noop"], "/noop"),
+                    (me + ["noop-serve", "tuned", "tuned"], "/tuned"),
+                    # (half a CPU each, so that the three clfsys replicas fit on 2 CPUs)
+                    (clfsys + ["--name", "unbatched", "--max-batch-size", "1", "--num-cpus",
+                               "0.5"], "/unbatched"),
+                    (clfsys + ["--name", "loop", "--decode-threads", "0", "--num-cpus", "0.5"],
+                     "/loop")],
+        "proxy": [(clfsys + ["--ingress", "proxy"], ""), (me + ["noop-serve", "noop"], "/noop")],
+        "uvicorn": [(me + ["noop-uvicorn", "{port}"], "")],
+        "direct": [(me + ["direct", bundle_dir, "{port}"], "")],
+    }
+    # name: (group, path, protocol)
     variants = {
-        "ceiling: no-op Serve, Serve proxy": (me + ["noop-serve", "{port}", "proxy"],
-                                              "/predict", "own"),
-        "ceiling: no-op Serve, HAProxy": (me + ["noop-serve", "{port}", "haproxy"],
-                                          "/predict", "own"),
+        "ceiling: no-op Serve, Serve proxy": ("proxy", "/noop/predict", "own"),
+        "ceiling: no-op Serve, HAProxy": ("haproxy", "/noop/predict", "own"),
         "ceiling: no-op Serve, HAProxy, clfsys's replica settings": (
-            me + ["noop-serve", "{port}", "haproxy", "tuned"], "/predict", "own"),
-        "ceiling: no-op uvicorn, no Ray": (me + ["noop-uvicorn", "{port}"], "/predict", "own"),
-        "peer: FastAPI, model(x) per request": (me + ["direct", bundle_dir, "{port}"],
-                                                "/predict", "own"),
-        "peer: unbatched deployment, HAProxy": (clfsys + ["--max-batch-size", "1"],
-                                                "/predict", "own"),
-        "clfsys /predict, Serve proxy": (clfsys + ["--ingress", "proxy"], "/predict", "own"),
-        "clfsys /predict, HAProxy": (clfsys + ["--ingress", "haproxy"], "/predict", "own"),
-        "clfsys /predict, HAProxy, photos decoded in threads": (
-            clfsys + ["--ingress", "haproxy"], "/predict", "photos"),
+            "haproxy", "/tuned/predict", "own"),
+        "ceiling: no-op uvicorn, no Ray": ("uvicorn", "/predict", "own"),
+        "peer: FastAPI, model(x) per request": ("direct", "/predict", "own"),
+        "peer: unbatched deployment, HAProxy": ("haproxy", "/unbatched/predict", "own"),
+        "clfsys /predict, Serve proxy": ("proxy", "/predict", "own"),
+        "clfsys /predict, HAProxy": ("haproxy", "/predict", "own"),
+        "clfsys /predict, HAProxy, photos decoded in threads": ("haproxy", "/predict", "photos"),
         "clfsys /predict, HAProxy, photos decoded on the loop": (
-            clfsys + ["--ingress", "haproxy", "--decode-threads", "0"], "/predict", "photos"),
-        "clfsys V2 infer, HAProxy": (clfsys + ["--ingress", "haproxy"],
-                                     "/v2/models/clfsys/infer", "v2"),
-        "clfsys V2 infer, binary extension, HAProxy": (clfsys + ["--ingress", "haproxy"],
-                                                       "/v2/models/clfsys/infer", "v2-binary"),
-        "clfsys TF Serving predict, HAProxy": (clfsys + ["--ingress", "haproxy"],
-                                               "/v1/models/clfsys:predict", "tf"),
+            "haproxy", "/loop/predict", "photos"),
+        "clfsys V2 infer, HAProxy": ("haproxy", "/v2/models/clfsys/infer", "v2"),
+        "clfsys V2 infer, binary extension, HAProxy": (
+            "haproxy", "/v2/models/clfsys/infer", "v2-binary"),
+        "clfsys TF Serving predict, HAProxy": ("haproxy", "/v1/models/clfsys:predict", "tf"),
     }
     if not photos:
         print(f"no JPEG photos under {args.photos}: the photo variants are left out",
@@ -286,68 +369,60 @@ def main() -> None:
         variants = {k: v for k, v in variants.items() if v[2] != "photos"}
     if args.only:
         variants = {k: v for k, v in variants.items() if args.only in k}
-    # Variants with the same command (the protocols of one server) share one server and are
-    # measured level by level in turn, so that they compare under the same conditions.
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for name, (command, _, _) in variants.items():
-        groups.setdefault(tuple(command), []).append(name)
-    results: dict[str, dict[int, dict]] = {}
-    for command, names in groups.items():
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = list(command)
-        if command[:len(clfsys)] == clfsys:
-            command = command + ["--port", str(port), "--metrics-port", str(free_port())]
-        command = [c.replace("{port}", str(port)) for c in command]
-        proc = start(command, url, work / f"server_{port}.log")
-        try:
-            for name in names:  # warm-up
-                _, path, protocol = variants[name]
-                asyncio.run(load_level(url + path, bodies[protocol], 8, 3))
-            for c in LEVELS:
-                for name in names:
-                    _, path, protocol = variants[name]
-                    results.setdefault(name, {})[c] = asyncio.run(load_level(
-                        url + path, bodies[protocol], c, args.seconds))
-        finally:
-            stop(proc)
-        for name in names:
-            print(f"measured {name}: {results[name][32]['rps']:.0f} req/s at 32",
-                  file=sys.stderr, flush=True)
-    results = {name: results[name] for name in variants}
-    print(f"\n## Endpoint load: {args.seconds:.0f} s per level, {len(bodies['own'])} "
-          "Fashion-MNIST PNGs, 2-core machine (load generator on the same cores)")
-    print(f"| {'variant':<50} | conc | req/s  | p50 ms | p95 ms | p99 ms | errors |")
-    print(f"|{'-' * 52}|------|--------|--------|--------|--------|--------|")
+    raw: dict[str, dict[int, list[dict]]] = {}
+    for group, servers in groups.items():
+        names = [name for name, v in variants.items() if v[0] == group]
+        if names:
+            raw.update(measure_group(servers, names, variants, bodies, args, work))
+            for name in names:
+                rps = sorted(round(r["rps"]) for r in raw[name][32])
+                print(f"measured {name}: {rps} req/s at 32", file=sys.stderr, flush=True)
+    results = {name: {c: summarize(rounds) for c, rounds in raw[name].items()}
+               for name in variants}
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n## Endpoint load: {args.rounds} rounds of {args.seconds:.0f} s per level, "
+          "interleaved with the other variants on the same Ray instance; medians, and the "
+          "range of req/s over the rounds. 2-core machine, load generator on the same cores. "
+          f"{len(bodies['own'])} Fashion-MNIST PNGs; photos: {len(bodies['photos'])} JPEGs")
+    print(f"| {'variant':<56} | conc | req/s  | range       | p50 ms | p95 ms | p99 ms | errors |")
+    print(f"|{'-' * 58}|------|--------|-------------|--------|--------|--------|--------|")
     for name, levels in results.items():
         for c, r in levels.items():
-            print(f"| {name:<50} | {c:>4} | {r['rps']:>6.0f} | {r['p50']:>6.1f} | "
+            span = f"{r['rps_min']:.0f}-{r['rps_max']:.0f}"
+            print(f"| {name:<56} | {c:>4} | {r['rps']:>6.0f} | {span:>11} | {r['p50']:>6.1f} | "
                   f"{r['p95']:>6.1f} | {r['p99']:>6.1f} | {r['errors']:>6} |")
-    at = {name: levels[32] for name, levels in results.items()}
     if args.only:
         return
-    ours = at["clfsys /predict, HAProxy"]
-    ceiling = at["ceiling: no-op Serve, HAProxy"]
-    tuned = at["ceiling: no-op Serve, HAProxy, clfsys's replica settings"]
-    direct = at["peer: FastAPI, model(x) per request"]
+    ours, ceiling = "clfsys /predict, HAProxy", "ceiling: no-op Serve, HAProxy"
+    at = {name: levels[32] for name, levels in results.items()}
     errors = sum(r["errors"] for levels in results.values() for r in levels.values())
-    print(f"\nAt concurrency 32, clfsys /predict behind HAProxy: {ours['rps']:.0f} req/s = "
-          f"{ours['rps'] / ceiling['rps']:.2f}x the HAProxy no-op ceiling (target >= 0.7x), "
-          f"p99 {ours['p99']:.0f} ms (target <= 50), {ours['rps'] / direct['rps']:.1f}x the "
-          f"direct-call app (target >= 3x); errors in the whole run: {errors} (target 0); "
-          f"{ours['rps'] / tuned['rps']:.2f}x the no-op with clfsys's replica settings")
+    print("\nAt concurrency 32 (ratios: median and range over the rounds, of two variants "
+          "measured within the same round, under a minute apart):")
+    ratio = paired(results, ours, ceiling)
+    print(f"  clfsys /predict behind HAProxy: {at[ours]['rps']:.0f} req/s = {ratio[0]:.2f}x the "
+          f"HAProxy no-op ceiling ({ratio[1]:.2f}-{ratio[2]:.2f}; target >= 0.7x), p99 "
+          f"{at[ours]['p99']:.0f} ms (target <= 50), "
+          f"{at[ours]['rps'] / at['peer: FastAPI, model(x) per request']['rps']:.1f}x the "
+          f"direct-call app (target >= 3x); errors in the whole run: {errors} (target 0)")
+    tuned = paired(results, ours, "ceiling: no-op Serve, HAProxy, clfsys's replica settings")
+    print(f"  {tuned[0]:.2f}x the no-op with clfsys's replica settings "
+          f"({tuned[1]:.2f}-{tuned[2]:.2f})")
     for route in ("clfsys V2 infer, HAProxy", "clfsys V2 infer, binary extension, HAProxy",
-                  "clfsys TF Serving predict, HAProxy",
-                  "clfsys /predict, Serve proxy"):
-        print(f"  {route}: {at[route]['rps']:.0f} req/s = {at[route]['rps'] / ours['rps']:.2f}x "
-              f"/predict behind HAProxy, p99 {at[route]['p99']:.0f} ms")
-    threads = at.get("clfsys /predict, HAProxy, photos decoded in threads")
-    loop = at.get("clfsys /predict, HAProxy, photos decoded on the loop")
-    if threads and loop:
-        print(f"  photos ({len(bodies['photos'])} JPEGs): decoded in threads {threads['rps']:.0f} "
-              f"req/s, p99 {threads['p99']:.0f} ms; on the event loop {loop['rps']:.0f} req/s, "
-              f"p99 {loop['p99']:.0f} ms")
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+                  "clfsys TF Serving predict, HAProxy"):
+        ratio = paired(results, route, ours)
+        print(f"  {route}: {at[route]['rps']:.0f} req/s = {ratio[0]:.2f}x /predict "
+              f"({ratio[1]:.2f}-{ratio[2]:.2f}; target within 10%), p99 {at[route]['p99']:.0f} ms")
+    proxy = "clfsys /predict, Serve proxy"
+    print(f"  {proxy}: {at[proxy]['rps']:.0f} req/s, "
+          f"{at[proxy]['rps'] / at[ours]['rps']:.2f}x /predict behind HAProxy")
+    threads = "clfsys /predict, HAProxy, photos decoded in threads"
+    loop = "clfsys /predict, HAProxy, photos decoded on the loop"
+    if threads in at and loop in at:
+        ratio = paired(results, threads, loop)
+        print(f"  photos ({len(bodies['photos'])} JPEGs): decoded in threads "
+              f"{at[threads]['rps']:.0f} req/s, p99 {at[threads]['p99']:.0f} ms; on the event "
+              f"loop {at[loop]['rps']:.0f} req/s, p99 {at[loop]['p99']:.0f} ms; threads/loop "
+              f"{ratio[0]:.2f}x ({ratio[1]:.2f}-{ratio[2]:.2f})")
 
 
 if __name__ == "__main__":

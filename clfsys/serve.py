@@ -20,6 +20,7 @@ out in place of the old one and exits. `app_builder` is the import path for `ser
 
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -40,10 +41,18 @@ APP_NAME = "clfsys"
 DEPLOYMENT = "Classifier"
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
-"""The environment of each replica. Serve: requests run on the replica's own event loop instead
-of hopping to a second loop in another thread (the model itself runs in a worker thread).
-TensorFlow: one compute thread, as the replica holds one CPU (by default TF's pools take every
-core of the node, and their threads compete with the event loop)."""
+"""The environment of each replica (of one CPU; see `replica_env`). Serve: requests run on the
+replica's own event loop instead of hopping to a second loop in another thread (the model itself
+runs in a worker thread). TensorFlow: as many compute threads as the replica holds CPUs (by
+default TF's pools take every core of the node, and their threads compete with the event
+loop)."""
+
+
+def replica_env(num_cpus: float) -> dict[str, str]:
+    """REPLICA_ENV for a replica that holds `num_cpus` CPUs."""
+    return {**REPLICA_ENV, "TF_NUM_INTRAOP_THREADS": str(max(1, math.ceil(num_cpus)))}
+
+
 HANDLE_TTL_S = 5.0
 """How long the root application trusts its handle to another model's application."""
 INLINE_DECODE_BYTES = 16 * 1024
@@ -77,6 +86,8 @@ class ServeOptions:
                                 "way (a lone request does not wait)")
     decode_threads: int = _opt(2, "threads per replica decoding images over 16 KiB off the "
                                "event loop (0: decode every image on the event loop)")
+    num_cpus: float = _opt(1.0, "CPUs each replica reserves; TensorFlow computes with as "
+                           "many threads (rounded up)")
     num_gpus: float = _opt(0.0, "GPUs per replica")
     max_body_mb: float = _opt(10.0, "largest request body")
     top_k: int = _opt(3, "classes in each answer's top_k")
@@ -100,7 +111,8 @@ class ServeOptions:
                  ("--max-batch-size", self.max_batch_size >= 1),
                  ("--batch-wait-ms", self.batch_wait_ms >= 0),
                  ("--decode-threads", self.decode_threads >= 0),
-                 ("--num-gpus", self.num_gpus >= 0), ("--max-body-mb", self.max_body_mb > 0),
+                 ("--num-cpus", self.num_cpus > 0), ("--num-gpus", self.num_gpus >= 0),
+                 ("--max-body-mb", self.max_body_mb > 0),
                  ("--top-k", self.top_k >= 1), ("--request-timeout-s", self.request_timeout_s > 0),
                  ("--max-replicas-per-node", self.max_replicas_per_node is None
                   or self.max_replicas_per_node >= 1)]
@@ -272,8 +284,8 @@ def build_app(model: str | Path, options: ServeOptions | None = None,
     config: dict[str, Any] = {
         "name": DEPLOYMENT, "graceful_shutdown_timeout_s": 20, "health_check_period_s": 2,
         "health_check_timeout_s": 10,
-        "ray_actor_options": {"num_cpus": 1, "num_gpus": options.num_gpus,
-                              "runtime_env": {"env_vars": REPLICA_ENV}},
+        "ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus,
+                              "runtime_env": {"env_vars": replica_env(options.num_cpus)}},
         "max_ongoing_requests": max(64, 4 * options.max_batch_size),
         "logging_config": {"enable_access_log": options.access_log},
     }

@@ -500,6 +500,13 @@ def test_app_builder_and_the_serve_config_file(trained_bundle):
         app_builder({"model": str(trained_bundle), "batchsize": 4})
     with pytest.raises(ClfsysError, match="--max-replicas has a bad value"):
         app_builder({"model": str(trained_bundle), "min_replicas": 3, "max_replicas": 2})
+    # CPUs per replica: what Ray reserves, and TensorFlow's compute threads (rounded up).
+    actor = app_builder({"model": str(trained_bundle), "num_cpus": "2.5"}
+                        )._bound_deployment.ray_actor_options
+    assert actor["num_cpus"] == 2.5
+    assert actor["runtime_env"]["env_vars"]["TF_NUM_INTRAOP_THREADS"] == "3"
+    with pytest.raises(ClfsysError, match="--num-cpus has a bad value"):
+        app_builder({"model": str(trained_bundle), "num_cpus": 0})
     config = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
     ServeDeploySchema(**config)
     assert config["applications"][0]["import_path"] == "clfsys.serve:app_builder"
