@@ -33,9 +33,10 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import to_json
 from starlette.requests import ClientDisconnect
 
 from clfsys import images
@@ -476,6 +477,13 @@ def tf_instances(request: TFServingPredictRequest,
     return out
 
 
+def answer(payload: Any) -> Response:
+    """A JSON answer built by this module to its route's response model. FastAPI would validate
+    it against that model once more and then serialize it; the inference routes skip that (the
+    schema tests check the answers against the OpenAPI document)."""
+    return Response(to_json(payload), media_type="application/json")
+
+
 # ---------------------------------------------------------------- the app
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -550,15 +558,15 @@ def build_api(backend: Backend, limits: Limits, token_sha256: str | None = None,
     async def predict(request: Request):
         body = await read_body(request, limits)
         (row,) = await classify(await image_bodies(request, body, False, limits))
-        return prediction(row)
+        return answer(prediction(row))
 
     @api.post("/predict/batch", response_model=list[Prediction], dependencies=guard,
               openapi_extra=BATCH_BODY, responses=_errors(400, *auth_errors, 413, 415, 422),
               summary="Label several images (multipart files), answers in order")
     async def predict_batch(request: Request):
         body = await read_body(request, limits)
-        return [prediction(r) for r in await classify(
-            await image_bodies(request, body, True, limits))]
+        return answer([prediction(r) for r in await classify(
+            await image_bodies(request, body, True, limits))])
 
     @api.get("/metadata", response_model=Metadata, dependencies=guard,
              responses=_errors(*auth_errors), summary="Classes, input, model_id, test metrics")
@@ -608,7 +616,7 @@ def build_api(backend: Backend, limits: Limits, token_sha256: str | None = None,
                              "shape": [-1, classes]}]}
 
     @api.post("/v2/models/{model}/infer", response_model=V2InferResponse, dependencies=guard,
-              response_model_exclude_none=True, openapi_extra=_json_body(V2InferRequest),
+              openapi_extra=_json_body(V2InferRequest),
               responses=_errors(400, *auth_errors, 404, 413, 422),
               summary="V2: infer (BYTES images or UINT8 pixels; JSON or binary extension)")
     async def v2_infer(model: str, request: Request):
@@ -621,8 +629,9 @@ def build_api(backend: Backend, limits: Limits, token_sha256: str | None = None,
         if not items:
             raise HttpError(400, "the input holds no images")
         rows = await classify(items)
-        return {"model_name": name, "model_version": backend.model_id, "id": infer.id,
-                "outputs": v2_outputs(rows, infer.outputs, len(backend.class_names))}
+        response = {"model_name": name, "model_version": backend.model_id,
+                    "outputs": v2_outputs(rows, infer.outputs, len(backend.class_names))}
+        return answer(response if infer.id is None else {**response, "id": infer.id})
 
     # -- TF Serving REST
     # (:predict first: Starlette answers a wrong method with the first route whose path matches)
@@ -635,8 +644,8 @@ def build_api(backend: Backend, limits: Limits, token_sha256: str | None = None,
         body = await read_body(request, limits)
         request_body = parse_json(TFServingPredictRequest, body, "predict request")
         rows = await classify(tf_instances(request_body, backend.input_shape))
-        return {"predictions": [{k: r[k] for k in ("label", "label_index", "confidence",
-                                                  "probabilities")} for r in rows]}
+        return answer({"predictions": [{k: r[k] for k in ("label", "label_index", "confidence",
+                                                          "probabilities")} for r in rows]})
 
     @api.get("/v1/models/{model}", response_model=TFServingModelStatus,
              responses=_errors(404), summary="TF Serving: model status")
