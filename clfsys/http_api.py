@@ -755,12 +755,12 @@ class NameRouter:
         request = {"method": scope["method"], "path": scope["path"],
                    "query_string": scope.get("query_string", b""),
                    "headers": list(scope.get("headers", [])), "body": body}
-        answer = await self.forward(found.group(1), request)
-        if answer is None:
+        forwarded = await self.forward(found.group(1), request)
+        if forwarded is None:
             return await self.app(scope, _receive_once(request["body"]), send)
-        await send({"type": "http.response.start", "status": answer.status,
-                    "headers": answer.headers})
-        await send({"type": "http.response.body", "body": answer.body})
+        await send({"type": "http.response.start", "status": forwarded.status,
+                    "headers": forwarded.headers})
+        await send({"type": "http.response.body", "body": forwarded.body})
 
 
 def _receive_once(body: bytes):
