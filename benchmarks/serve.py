@@ -33,13 +33,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from clfsys.ingress import free_port
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,12 +107,13 @@ def noop_serve(name: str, tuned: bool = False) -> None:
     import ray
     from ray import serve
 
-    from clfsys.serve import REPLICA_ENV
+    from clfsys.serve import replica_env
 
     ray.init()
-    options = {"logging_config": {"enable_access_log": False},
-               "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}}
-               } if tuned else {"ray_actor_options": {"num_cpus": 0}}
+    options: dict = {"ray_actor_options": {"num_cpus": 0}}
+    if tuned:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": replica_env()}
+        options["logging_config"] = {"enable_access_log": False}
     deployment = serve.deployment(max_ongoing_requests=256, **options)(
         serve.ingress(noop_api())(type("Noop", (), {})))
     serve.run(deployment.bind(), name=name, route_prefix=f"/{name}")
@@ -163,12 +165,6 @@ async def load_level(url: str, bodies: list[tuple[bytes, dict]], concurrency: in
     return {"requests": len(latencies), "rps": len(latencies) / wall, "errors": errors,
             "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
             "p99": float(np.percentile(ms, 99))}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(command: list[str], url: str, log: Path, env: dict | None = None

@@ -39,18 +39,15 @@ from clfsys.errors import ClfsysError, IncompleteError
 
 APP_NAME = "clfsys"
 DEPLOYMENT = "Classifier"
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-               "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
-"""The environment of each replica (of one CPU; see `replica_env`). Serve: requests run on the
-replica's own event loop instead of hopping to a second loop in another thread (the model itself
-runs in a worker thread). TensorFlow: as many compute threads as the replica holds CPUs (by
-default TF's pools take every core of the node, and their threads compete with the event
-loop)."""
-
-
-def replica_env(num_cpus: float) -> dict[str, str]:
-    """REPLICA_ENV for a replica that holds `num_cpus` CPUs."""
-    return {**REPLICA_ENV, "TF_NUM_INTRAOP_THREADS": str(max(1, math.ceil(num_cpus)))}
+def replica_env(num_cpus: float = 1.0) -> dict[str, str]:
+    """The environment of a replica that holds `num_cpus` CPUs. Serve: requests run on the
+    replica's own event loop instead of hopping to a second loop in another thread (the model
+    itself runs in a worker thread). TensorFlow: as many compute threads as the replica holds
+    CPUs, rounded up (by default TF's pools take every core of the node, and their threads
+    compete with the event loop)."""
+    return {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "TF_NUM_INTRAOP_THREADS": str(max(1, math.ceil(num_cpus))),
+            "TF_NUM_INTEROP_THREADS": "1"}
 
 
 HANDLE_TTL_S = 5.0
