@@ -23,6 +23,12 @@ ratio (clfsys / no-op, V2 / /predict) compares measurements taken seconds apart 
 conditions; it is reported per round, as the median and range over the rounds. The table gives
 medians, and the range of requests/s over the rounds, since on a small shared machine one
 window can be a third off another.
+
+Each window also records the server's CPU time per request: all the machine's busy CPU time
+(/proc/stat) during the window, less the load generator's own, over the requests answered. It
+shows where a variant's cost lies (Serve's proxy against HAProxy, a route's parsing); it moves
+with throughput too, since a larger batch and the Ray instance's fixed background work are
+shared by more requests.
 """
 
 
@@ -131,6 +137,14 @@ def noop_serve(name: str, tuned: bool = False) -> None:
         serve.delete(name)
 
 
+def machine_busy_s() -> float:
+    """Busy CPU seconds of all cores since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 async def load_level(url: str, bodies: list[tuple[bytes, dict]], concurrency: int,
                      seconds: float) -> dict:
     import aiohttp
@@ -158,11 +172,13 @@ async def load_level(url: str, bodies: list[tuple[bytes, dict]], concurrency: in
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        started = time.perf_counter()
+        started, busy, own = time.perf_counter(), machine_busy_s(), time.process_time()
         await asyncio.gather(*(worker(session, k) for k in range(concurrency)))
         wall = time.perf_counter() - started
+        server_cpu = machine_busy_s() - busy - (time.process_time() - own)
     ms = np.array(latencies) * 1000
     return {"requests": len(latencies), "rps": len(latencies) / wall, "errors": errors,
+            "cpu_us": max(server_cpu, 0.0) / max(len(latencies), 1) * 1e6,
             "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
             "p99": float(np.percentile(ms, 99))}
 
@@ -226,14 +242,16 @@ def summarize(rounds: list[dict]) -> dict:
     """One variant at one level over the rounds: medians, the requests/s range, all errors."""
     rps = [r["rps"] for r in rounds]
     return {"rps": median(rps), "rps_min": min(rps), "rps_max": max(rps),
-            **{q: median([r[q] for r in rounds]) for q in ("p50", "p95", "p99")},
+            **{q: median([r[q] for r in rounds]) for q in ("p50", "p95", "p99", "cpu_us")},
             "errors": sum(r["errors"] for r in rounds), "rounds": rounds}
 
 
-def paired(results: dict, name: str, base: str, level: int = 32) -> tuple[float, float, float]:
-    """Median, min and max over the rounds of name's requests/s over base's in the same round."""
-    ratios = [x["rps"] / y["rps"] for x, y in zip(results[name][level]["rounds"],
-                                                  results[base][level]["rounds"], strict=True)]
+def paired(results: dict, name: str, base: str, level: int = 32,
+           key: str = "rps") -> tuple[float, float, float]:
+    """Median, min and max over the rounds of name's `key` (requests/s, or server CPU per
+    request) over base's in the same round."""
+    ratios = [x[key] / y[key] for x, y in zip(results[name][level]["rounds"],
+                                              results[base][level]["rounds"], strict=True)]
     return median(ratios), min(ratios), max(ratios)
 
 
@@ -380,13 +398,16 @@ def main() -> None:
           "interleaved with the other variants on the same Ray instance; medians, and the "
           "range of req/s over the rounds. 2-core machine, load generator on the same cores. "
           f"{len(bodies['own'])} Fashion-MNIST PNGs; photos: {len(bodies['photos'])} JPEGs")
-    print(f"| {'variant':<56} | conc | req/s  | range       | p50 ms | p95 ms | p99 ms | errors |")
-    print(f"|{'-' * 58}|------|--------|-------------|--------|--------|--------|--------|")
+    print(f"| {'variant':<56} | conc | req/s  | range       | p50 ms | p95 ms | p99 ms | errors "
+          "| server CPU us/req |")
+    print(f"|{'-' * 58}|------|--------|-------------|--------|--------|--------|--------|"
+          "-------------------|")
     for name, levels in results.items():
         for c, r in levels.items():
             span = f"{r['rps_min']:.0f}-{r['rps_max']:.0f}"
             print(f"| {name:<56} | {c:>4} | {r['rps']:>6.0f} | {span:>11} | {r['p50']:>6.1f} | "
-                  f"{r['p95']:>6.1f} | {r['p99']:>6.1f} | {r['errors']:>6} |")
+                  f"{r['p95']:>6.1f} | {r['p99']:>6.1f} | {r['errors']:>6} | "
+                  f"{r['cpu_us']:>17.0f} |")
     if args.only:
         return
     ours, ceiling = "clfsys /predict, HAProxy", "ceiling: no-op Serve, HAProxy"
@@ -405,9 +426,11 @@ def main() -> None:
           f"({tuned[1]:.2f}-{tuned[2]:.2f})")
     for route in ("clfsys V2 infer, HAProxy", "clfsys V2 infer, binary extension, HAProxy",
                   "clfsys TF Serving predict, HAProxy"):
-        ratio = paired(results, route, ours)
+        ratio, cpu = paired(results, route, ours), paired(results, route, ours, key="cpu_us")
         print(f"  {route}: {at[route]['rps']:.0f} req/s = {ratio[0]:.2f}x /predict "
-              f"({ratio[1]:.2f}-{ratio[2]:.2f}; target within 10%), p99 {at[route]['p99']:.0f} ms")
+              f"({ratio[1]:.2f}-{ratio[2]:.2f}; target within 10%), p99 {at[route]['p99']:.0f} "
+              f"ms; server CPU {at[route]['cpu_us']:.0f} us a request = {cpu[0]:.2f}x "
+              f"/predict's {at[ours]['cpu_us']:.0f} ({cpu[1]:.2f}-{cpu[2]:.2f})")
     proxy = "clfsys /predict, Serve proxy"
     print(f"  {proxy}: {at[proxy]['rps']:.0f} req/s, "
           f"{at[proxy]['rps'] / at[ours]['rps']:.2f}x /predict behind HAProxy")
