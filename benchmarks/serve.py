@@ -29,6 +29,11 @@ Each window also records the server's CPU time per request: all the machine's bu
 shows where a variant's cost lies (Serve's proxy against HAProxy, a route's parsing); it moves
 with throughput too, since a larger batch and the Ray instance's fixed background work are
 shared by more requests.
+
+A whole run ends with the inference routes' cost in-process (`--only in-process` runs just that):
+clfsys's app with the real model, driven through ASGI one request at a time, without sockets or
+Ray, so that what the routes themselves add to a request is measured apart from the load test's
+noise.
 """
 
 
@@ -234,6 +239,61 @@ def v2_binary(blob: bytes) -> tuple[bytes, dict]:
                               "Inference-Header-Content-Length": str(len(header))}
 
 
+INFERENCE_ROUTES = {"/predict": ("/predict", "own"), "V2 infer": ("/v2/models/clfsys/infer", "v2"),
+                    "V2 infer, binary extension": ("/v2/models/clfsys/infer", "v2-binary"),
+                    "TF Serving predict": ("/v1/models/clfsys:predict", "tf")}
+
+
+def in_process(bundle_dir: str, bodies: dict, requests: int = 2000,
+               rounds: int = 5) -> dict[str, list[float]]:
+    """Microseconds a request on each inference route of clfsys's app run in this process
+    (http_api.call_asgi: no sockets, no Ray) with the real Predictor, one request at a time;
+    `rounds` rounds, each visiting every route in turn, the order rotating. The routes differ
+    only in parsing and answering, which a load test can hide under its noise."""
+    from clfsys.http_api import DirectBackend, Limits, build_api, call_asgi
+    from clfsys.predict import Predictor
+
+    app = build_api(DirectBackend(Predictor(bundle_dir)), Limits(10 << 20))
+
+    def asgi_request(path: str, body: bytes, headers: dict) -> dict:
+        headers = {**headers, "Content-Length": str(len(body))}
+        return {"method": "POST", "path": path, "query_string": b"", "body": body,
+                "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+
+    async def run(count: int, path: str, protocol: str) -> float:
+        batch = [asgi_request(path, body, headers) for body, headers in bodies[protocol]]
+        started = time.perf_counter()
+        for i in range(count):
+            answer = await call_asgi(app, batch[i % len(batch)])
+            if answer.status != 200:
+                raise SystemExit(f"{path} answered {answer.status}: {answer.body[:200]!r}")
+        return (time.perf_counter() - started) / count * 1e6
+
+    async def measure() -> dict[str, list[float]]:
+        names = list(INFERENCE_ROUTES)
+        for path, protocol in INFERENCE_ROUTES.values():  # warm-up
+            await run(200, path, protocol)
+        out: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                out[name].append(await run(requests, *INFERENCE_ROUTES[name]))
+        return out
+
+    return asyncio.run(measure())
+
+
+def print_in_process(costs: dict[str, list[float]]) -> None:
+    base = costs["/predict"]
+    print(f"\n## In-process cost of each inference route (call_asgi, the real model, one request "
+          f"at a time; median and range over {len(base)} rounds)")
+    print("| route                      | us a request | range       | x /predict (range)  |")
+    print("|----------------------------|--------------|-------------|---------------------|")
+    for name, us in costs.items():
+        ratios = [x / y for x, y in zip(us, base, strict=True)]
+        print(f"| {name:<26} | {median(us):>12.0f} | {min(us):>5.0f}-{max(us):<5.0f} | "
+              f"{median(ratios):>5.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
+
+
 def median(values: list[float]) -> float:
     return float(np.median(values))
 
@@ -253,6 +313,21 @@ def paired(results: dict, name: str, base: str, level: int = 32,
     ratios = [x[key] / y[key] for x, y in zip(results[name][level]["rounds"],
                                               results[base][level]["rounds"], strict=True)]
     return median(ratios), min(ratios), max(ratios)
+
+
+def route_ratios(results: dict, ours: str, level: int) -> None:
+    """Each standard protocol route against /predict of the same server, within the rounds."""
+    for route in ("clfsys V2 infer, HAProxy", "clfsys V2 infer, binary extension, HAProxy",
+                  "clfsys TF Serving predict, HAProxy"):
+        if route not in results:
+            continue
+        at, base = results[route][level], results[ours][level]
+        ratio = paired(results, route, ours, level)
+        cpu = paired(results, route, ours, level, key="cpu_us")
+        print(f"  {route}: {at['rps']:.0f} req/s = {ratio[0]:.2f}x /predict "
+              f"({ratio[1]:.2f}-{ratio[2]:.2f}; target within 10%), p99 {at['p99']:.0f} ms; "
+              f"server CPU {at['cpu_us']:.0f} us a request = {cpu[0]:.2f}x /predict's "
+              f"{base['cpu_us']:.0f} ({cpu[1]:.2f}-{cpu[2]:.2f})")
 
 
 def ray_address(log: Path) -> str:
@@ -290,7 +365,7 @@ def measure_group(servers: list[tuple[list[str], str]], names: list[str], varian
         for name in names:  # warm-up
             _, path, protocol = variants[name]
             asyncio.run(load_level(url + path, bodies[protocol], 8, 3))
-        for c in LEVELS:
+        for c in args.levels:
             for r in range(args.rounds):
                 turn = r % len(names)
                 for name in names[turn:] + names[:turn]:
@@ -316,13 +391,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", default="runs/bench/serve")
     parser.add_argument("--seconds", type=float, default=5.0, help="per level and round")
+    parser.add_argument("--levels", default=LEVELS, help="concurrency levels, e.g. 32 or 8,32",
+                        type=lambda text: tuple(int(c) for c in text.split(",")))
     parser.add_argument("--rounds", type=int, default=3,
                         help="measurements of each variant at each level, interleaved")
     parser.add_argument("--model", help="bundle (default: the seed CNN, trained for 1 epoch)")
     parser.add_argument("--photos", default=str(ROOT.parent / "shared/data/hymenoptera"),
                         help="folder of JPEG photos for the decode-off-the-loop comparison")
-    parser.add_argument("--only", help="measure only the variants whose name contains this "
-                        "(a quick check; the targets need the whole run)")
+    parser.add_argument("--only", help="measure only the variants whose name matches this "
+                        "regular expression (a quick check; the targets need the whole run); "
+                        "'in-process': only the inference routes' cost without HTTP, which a "
+                        "whole run ends with")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -381,16 +460,20 @@ def main() -> None:
         print(f"no JPEG photos under {args.photos}: the photo variants are left out",
               file=sys.stderr)
         variants = {k: v for k, v in variants.items() if v[2] != "photos"}
+    if args.only == "in-process":
+        print_in_process(in_process(bundle_dir, bodies))
+        return
     if args.only:
-        variants = {k: v for k, v in variants.items() if args.only in k}
+        variants = {k: v for k, v in variants.items() if re.search(args.only, k)}
     raw: dict[str, dict[int, list[dict]]] = {}
     for group, servers in groups.items():
         names = [name for name, v in variants.items() if v[0] == group]
         if names:
             raw.update(measure_group(servers, names, variants, bodies, args, work))
             for name in names:
-                rps = sorted(round(r["rps"]) for r in raw[name][32])
-                print(f"measured {name}: {rps} req/s at 32", file=sys.stderr, flush=True)
+                rps = sorted(round(r["rps"]) for r in raw[name][args.levels[-1]])
+                print(f"measured {name}: {rps} req/s at {args.levels[-1]}", file=sys.stderr,
+                      flush=True)
     results = {name: {c: summarize(rounds) for c, rounds in raw[name].items()}
                for name in variants}
     (work / "results.json").write_text(json.dumps(results, indent=2))
@@ -408,9 +491,13 @@ def main() -> None:
             print(f"| {name:<56} | {c:>4} | {r['rps']:>6.0f} | {span:>11} | {r['p50']:>6.1f} | "
                   f"{r['p95']:>6.1f} | {r['p99']:>6.1f} | {r['errors']:>6} | "
                   f"{r['cpu_us']:>17.0f} |")
-    if args.only:
-        return
     ours, ceiling = "clfsys /predict, HAProxy", "ceiling: no-op Serve, HAProxy"
+    if args.only:
+        if ours in results:
+            for c in args.levels:
+                print(f"\nAt concurrency {c}:")
+                route_ratios(results, ours, c)
+        return
     at = {name: levels[32] for name, levels in results.items()}
     errors = sum(r["errors"] for levels in results.values() for r in levels.values())
     print("\nAt concurrency 32 (ratios: median and range over the rounds, of two variants "
@@ -424,13 +511,7 @@ def main() -> None:
     tuned = paired(results, ours, "ceiling: no-op Serve, HAProxy, clfsys's replica settings")
     print(f"  {tuned[0]:.2f}x the no-op with clfsys's replica settings "
           f"({tuned[1]:.2f}-{tuned[2]:.2f})")
-    for route in ("clfsys V2 infer, HAProxy", "clfsys V2 infer, binary extension, HAProxy",
-                  "clfsys TF Serving predict, HAProxy"):
-        ratio, cpu = paired(results, route, ours), paired(results, route, ours, key="cpu_us")
-        print(f"  {route}: {at[route]['rps']:.0f} req/s = {ratio[0]:.2f}x /predict "
-              f"({ratio[1]:.2f}-{ratio[2]:.2f}; target within 10%), p99 {at[route]['p99']:.0f} "
-              f"ms; server CPU {at[route]['cpu_us']:.0f} us a request = {cpu[0]:.2f}x "
-              f"/predict's {at[ours]['cpu_us']:.0f} ({cpu[1]:.2f}-{cpu[2]:.2f})")
+    route_ratios(results, ours, 32)
     proxy = "clfsys /predict, Serve proxy"
     print(f"  {proxy}: {at[proxy]['rps']:.0f} req/s, "
           f"{at[proxy]['rps'] / at[ours]['rps']:.2f}x /predict behind HAProxy")
@@ -442,6 +523,7 @@ def main() -> None:
               f"{at[threads]['rps']:.0f} req/s, p99 {at[threads]['p99']:.0f} ms; on the event "
               f"loop {at[loop]['rps']:.0f} req/s, p99 {at[loop]['p99']:.0f} ms; threads/loop "
               f"{ratio[0]:.2f}x ({ratio[1]:.2f}-{ratio[2]:.2f})")
+    print_in_process(in_process(bundle_dir, bodies))
 
 
 if __name__ == "__main__":
