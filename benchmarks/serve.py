@@ -403,6 +403,8 @@ def main() -> None:
                         "'in-process': only the inference routes' cost without HTTP, which a "
                         "whole run ends with")
     args = parser.parse_args()
+    if not args.only and 32 not in args.levels:
+        parser.error("a whole run checks the targets at concurrency 32: keep 32 in --levels")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     bundle_dir = args.model or str(work / "bundle")
@@ -470,10 +472,10 @@ def main() -> None:
         names = [name for name, v in variants.items() if v[0] == group]
         if names:
             raw.update(measure_group(servers, names, variants, bodies, args, work))
+            shown = 32 if 32 in args.levels else args.levels[-1]
             for name in names:
-                rps = sorted(round(r["rps"]) for r in raw[name][args.levels[-1]])
-                print(f"measured {name}: {rps} req/s at {args.levels[-1]}", file=sys.stderr,
-                      flush=True)
+                rps = sorted(round(r["rps"]) for r in raw[name][shown])
+                print(f"measured {name}: {rps} req/s at {shown}", file=sys.stderr, flush=True)
     results = {name: {c: summarize(rounds) for c, rounds in raw[name].items()}
                for name in variants}
     (work / "results.json").write_text(json.dumps(results, indent=2))
