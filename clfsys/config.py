@@ -312,6 +312,9 @@ class TuneConfig:
     """Stop starting and running trials after this many seconds."""
     seed: int = 0
     """Seed of the searcher."""
+    startup_trials: int = 10
+    """optuna: configurations sampled at random before TPE models the results (Optuna's
+    default); TPE chooses every later one."""
     scheduler: str = "asha"
     """asha (pause trials at rungs, promote the top 1/reduction_factor), async_asha (Ray's
     AsyncHyperBandScheduler: decide at each rung on arrival) or none (all run to max_epochs)."""
@@ -339,6 +342,8 @@ class TuneConfig:
         _check(self.scheduler in SCHEDULERS, "tune.scheduler",
                f"must be one of {list(SCHEDULERS)}", self.scheduler)
         _check(self.num_samples > 0, "tune.num_samples", "must be > 0", self.num_samples)
+        _check(self.startup_trials >= 1, "tune.startup_trials", "must be >= 1",
+               self.startup_trials)
         if self.max_concurrent_trials is not None:
             _check(self.max_concurrent_trials > 0, "tune.max_concurrent_trials", "must be > 0",
                    self.max_concurrent_trials)

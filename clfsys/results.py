@@ -46,13 +46,17 @@ def _cell(value: Any) -> Any:
 
 def trial_rows(grid, cfg: Config, scheduler_state: str) -> tuple[list[dict], dict[str, Any]]:
     """One row per trial, and each trial's Result by id."""
+    from clfsys.raykit import failures_of, trials_of
+
     asha = asha_stops(scheduler_state)
     # A trial that never started (a time budget ran out first) has no result, so its sampled
-    # configuration comes from Tune's trial record.
-    sampled = {str(t.path): t.config for t in grid._experiment_analysis.trials}
+    # configuration comes from Tune's trial record; so do the failures a trial recovered from.
+    trials = trials_of(grid)
     rows, by_id = [], {}
     for result in grid:
-        result_config = result.config or sampled.get(str(result.path)) or {}
+        trial = trials.get(str(result.path))
+        result_config = result.config or (trial.config if trial else {})
+        failures, last = failures_of(trial) if trial else (0, None)
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         frame = result.metrics_dataframe
@@ -83,6 +87,9 @@ def trial_rows(grid, cfg: Config, scheduler_state: str) -> tuple[list[dict], dic
                 "TERMINATED" if epochs else "NOT_STARTED"),
             "error": error,
             "failure": None if result.error is None else failure_kind(result.error),
+            "failures": failures,  # retries included: a lost node's trial goes on elsewhere
+            "last_failure": failure_kind(result.error or last) if (
+                result.error or last) else None,
             **{column: metrics.get(column) for column in COST_COLUMNS},
             "wall_s": round(float(metrics.get("time_total_s", 0.0)), 1),
             "node_id": metrics.get("node_id"),
@@ -175,6 +182,7 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
     errored = int((table["status"] == "ERROR").sum())
     not_started = int((table["status"] == "NOT_STARTED").sum())
     lost = int((table["failure"] == INFRASTRUCTURE).sum())
+    recovered = int(((table["failures"] > 0) & (table["status"] != "ERROR")).sum())
     finished = [r for r in rows if r["status"] != "ERROR" and r["best_val_accuracy"] is not None]
     if not finished:
         storage.publish(out, location)
@@ -230,8 +238,8 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
         ("Best model: sample test predictions", "<img src='best_samples.png'>"),
     ])
     print(f"\n== search done: {len(rows)} trials, {errored} errored ({lost} for infrastructure "
-          f"reasons), {not_started} not started, {epochs_total} epochs, {wall_s:.0f} s",
-          file=sys.stderr)
+          f"reasons), {recovered} recovered from a failure, {not_started} not started, "
+          f"{epochs_total} epochs, {wall_s:.0f} s", file=sys.stderr)
     for rank, row in enumerate(rows[:5], start=1):
         params = ", ".join(f"{k[6:]}={v}" for k, v in row.items()
                            if k.startswith("param.") and v is not None and v == v)
@@ -245,7 +253,7 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
         "best_trial": best_row["trial_id"], "val_accuracy": round(best_row["best_val_accuracy"], 4),
         "test_accuracy": summary["test_accuracy"], "model_id": summary["model_id"],
         "bundle": storage.join(location, "best"), "trials": len(rows), "errored": errored,
-        "infrastructure_failures": lost, "not_started": not_started,
+        "infrastructure_failures": lost, "recovered": recovered, "not_started": not_started,
         "epochs_total": epochs_total, "wall_s": round(wall_s, 1),
         **({"select": limits, "ruled_out": ruled_out} if limits else {}),
         **{column: best_row[column] for column in COST_COLUMNS},

@@ -41,6 +41,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
@@ -297,3 +298,19 @@ class RecordingASHA(AsyncHyperBandScheduler):
             state.setdefault("stopped", {})[trial.trial_id] = epoch
             storage.write_text(self.state_file, json.dumps(state, indent=1))
         return action
+
+
+class TrialDirs(Callback):
+    """Gives every trial its directory by the end of the step that added it.
+
+    Tune names a trial's directory when it asks for the trial's actor. A trial that never gets
+    one (PromotingASHA parks new trials until it chooses them; FIFO asks for a limited number of
+    actors at a time) has none when a time budget ends the search, and Tune's own closing
+    progress report then raises on it ("Should not access trial_driver_staging_path without
+    setting trial_dir_name"), losing the whole search.
+    """
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
+        for trial in trials:
+            if not trial.relative_logdir:
+                trial.init_local_path()

@@ -72,12 +72,23 @@ def _reporter_class():
                 if "cost" not in state:  # the architecture's serving cost, once per trial
                     state["cost"] = self.serving_cost(Path(folder) / "model.keras")
                 shutil.copy(best, Path(folder) / "best.keras")
-                (Path(folder) / "state.json").write_text(json.dumps(state))
-                tune.report({
-                    **logs, "epoch": epoch + 1, "best_val_accuracy": state["best_val_accuracy"],
-                    "keras_stopped": bool(self.model.stop_training), **state["cost"],
-                    **_placement(), "cpus": self.cpus,
-                }, checkpoint=tune.Checkpoint.from_directory(folder))
+                self._report(logs, bool(self.model.stop_training), Path(folder))
+
+        def report_again(self, restored: Path) -> None:
+            """Report the restored checkpoint's last epoch once more, with a copy of it."""
+            logs = {key: values[-1] for key, values in self.state["history"].items()}
+            with tempfile.TemporaryDirectory(prefix="clfsys-ckpt-") as folder:
+                shutil.copytree(restored, folder, dirs_exist_ok=True)
+                self._report(logs, False, Path(folder))
+
+        def _report(self, logs: dict[str, float], keras_stopped: bool, folder: Path) -> None:
+            state = self.state
+            (folder / "state.json").write_text(json.dumps(state))
+            tune.report({
+                **logs, "epoch": state["epoch"], "best_val_accuracy": state["best_val_accuracy"],
+                "keras_stopped": keras_stopped, **state["cost"], **_placement(),
+                "cpus": self.cpus, "tf_threads": _tf_threads(),
+            }, checkpoint=tune.Checkpoint.from_directory(folder))
 
         def serving_cost(self, saved: Path) -> dict[str, Any]:
             from clfsys.predict import serving_cost
@@ -93,6 +104,13 @@ def _placement() -> dict[str, Any]:
 
     return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+
+
+def _tf_threads() -> int:
+    """The compute threads TensorFlow was set to use in this process."""
+    import tensorflow as tf
+
+    return tf.config.threading.get_intra_op_parallelism_threads()
 
 
 def _configure_tensorflow(cpus: float) -> None:
@@ -127,26 +145,24 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
     scratch = Path(tempfile.mkdtemp(prefix="clfsys-trial-"))
     state: dict[str, Any] = {"epoch": 0, "history": {}, "best_val_accuracy": None,
                              "best_epoch": 0}
-    model = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            missing = [f for f in ("state.json", "model.keras", "best.keras")
-                       if not (Path(folder) / f).is_file()]
-            if missing:
-                # A driver killed while Tune deleted an old checkpoint on object storage can
-                # leave one half gone; the trial's progress is lost, not the trial.
-                print(f"checkpoint {checkpoint.path} is incomplete (no {', '.join(missing)}): "
-                      "starting this trial again from epoch 0", file=sys.stderr)
-            else:
-                state = json.loads((Path(folder) / "state.json").read_text())
-                model = keras.saving.load_model(Path(folder) / "model.keras")  # + optimizer
-                shutil.copy(Path(folder) / "best.keras", scratch / "best.keras")
-                print(f"resuming from checkpoint at epoch {state['epoch']}", file=sys.stderr)
-    if state["epoch"] >= cfg.train.epochs:
-        return
     reporter = _reporter_class()(state, scratch, cpus)
+    model = None
     try:
+        # A trial restarted by a resumed search resumes from its newest whole checkpoint, also
+        # when the one Tune recorded is gone (see raykit.restore_only_whole) or Tune's state
+        # was saved before it recorded any.
+        checkpoint = tune.get_checkpoint() or _newest_whole_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                state.update(json.loads((Path(folder) / "state.json").read_text()))
+                shutil.copy(Path(folder) / "best.keras", scratch / "best.keras")
+                if state["epoch"] >= cfg.train.epochs:
+                    # It had finished when a killed driver had not yet recorded the end: the
+                    # last epoch is reported again, so that the search's record holds it.
+                    reporter.report_again(Path(folder))
+                    return
+                model = keras.saving.load_model(Path(folder) / "model.keras")  # + optimizer
+            print(f"resuming from checkpoint at epoch {state['epoch']}", file=sys.stderr)
         # Early stopping's patience and the LR plateau's counter carry on across a pause at
         # a rung: their state travels in state.json with the checkpoint.
         train(cfg, dataset=dataset, work_dir=tune.get_context().get_trial_dir(),
@@ -154,6 +170,51 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
               callback_state=state.setdefault("callbacks", {}))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+CHECKPOINT_FILES = ("state.json", "model.keras", "best.keras")
+
+
+def _whole_checkpoints(fs, folder: str) -> list[str]:
+    """The checkpoint folders under `folder` that hold every file of CHECKPOINT_FILES, oldest
+    first (a killed upload can leave one half written)."""
+    import pyarrow.fs
+
+    from clfsys.raykit import CHECKPOINT_PREFIX
+
+    found: dict[str, set[str]] = {}
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True,
+                                                         recursive=True)):
+        parts = info.path[len(folder):].strip("/").split("/")
+        if len(parts) == 2 and parts[0].startswith(CHECKPOINT_PREFIX) and info.size:
+            found.setdefault(parts[0], set()).add(parts[1])
+    return sorted(name for name, files in found.items() if set(CHECKPOINT_FILES) <= files)
+
+
+def _recorded_checkpoint_is_whole(checkpoint) -> bool:
+    """Runs on the trial's worker before Tune restores `checkpoint` (see
+    raykit.restore_only_whole)."""
+    trial_dir, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    if name in _whole_checkpoints(checkpoint.filesystem, trial_dir):
+        return True
+    print(f"checkpoint {checkpoint.path}, recorded by the search, is gone or incomplete: "
+          "looking for the newest whole one", file=sys.stderr)
+    return False
+
+
+def _newest_whole_checkpoint():
+    """The newest whole checkpoint in this trial's folder on storage, for a trial that Tune
+    restarted without one; None for a new trial."""
+    from ray import tune
+
+    from clfsys.raykit import continue_checkpoints_after, trial_storage
+
+    fs, trial_dir = trial_storage()
+    whole = _whole_checkpoints(fs, trial_dir)
+    if not whole:
+        return None
+    continue_checkpoints_after(whole[-1])
+    return tune.Checkpoint(f"{trial_dir}/{whole[-1]}", filesystem=fs)
 
 
 # --- on the driver ---------------------------------------------------------------------------
@@ -210,7 +271,8 @@ def _searcher(cfg: Config):
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(sampler=TPESampler(seed=cfg.tune.seed))
+        searcher = OptunaSearch(sampler=TPESampler(seed=cfg.tune.seed,
+                                                   n_startup_trials=cfg.tune.startup_trials))
         return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
     from ray.tune.search import BasicVariantGenerator
 
@@ -269,6 +331,9 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
 
+    from clfsys.raykit import restore_only_whole
+    from clfsys.scheduler import TrialDirs
+
     params = parse_space(cfg.tune.space)
     check_space(cfg, params)
     out = storage.normalize(out_dir)
@@ -297,9 +362,9 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         check_storage_reaches_every_node(cfg, dataset.train_shards.location, "data.cache_path")
     resources = {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu}
     base = cfg.replace(**{"train.epochs": cfg.tune.max_epochs, "train.verbose": 0})
-    trainable = tune.with_resources(
+    trainable = tune.with_resources(restore_only_whole(
         tune.with_parameters(_trial, base=base, dataset=dataset, callbacks=list(callbacks)),
-        resources)
+        _recorded_checkpoint_is_whole), resources)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
@@ -318,7 +383,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 # TensorBoard logs and other files of each trial reach the storage too.
                 sync_config=tune.SyncConfig(sync_artifacts=True), verbose=1,
-                callbacks=[tracking.callback()] if tracking else None),
+                callbacks=[TrialDirs(), *([tracking.callback()] if tracking else [])]),
         )
     grid = tuner.fit()
     from clfsys.results import write_outputs
