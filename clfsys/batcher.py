@@ -18,9 +18,12 @@ timeout the batches stay small. Behind HAProxy on the 2-core machine, this batch
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class Batcher:
@@ -84,6 +87,8 @@ class Batcher:
                 results = await asyncio.to_thread(self.run, [item for item, _ in live])
                 answers = list(zip(live, results, strict=True))
             except Exception as exc:  # noqa: BLE001 (every caller of the batch gets it)
+                # Each caller answers with an error; the server's log keeps the traceback.
+                log.exception("the model failed on a batch of %d", len(live))
                 for _, future in live:
                     if not future.done():
                         future.set_exception(exc)

@@ -46,8 +46,14 @@ class Shards:
         return storage.join(self.location, f"shard-{i:05d}.npy")
 
     def read(self, i: int) -> np.ndarray:
-        array = np.load(io.BytesIO(storage.retrying(lambda: storage.read_bytes(self.shard(i)))),
-                        allow_pickle=False)
+        data = storage.retrying(lambda: storage.read_bytes(self.shard(i)))
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:  # numpy names no file: say which
+            raise storage.StorageError(
+                f"{self.shard(i)}: not a whole shard ({len(data):,} bytes: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); delete the "
+                f"cache folder {self.location} to decode the images again") from None
         if array.shape != (self.counts[i], *self.shape) or array.dtype != np.uint8:
             raise storage.StorageError(f"{self.shard(i)}: holds {array.dtype} {array.shape}, "
                                        f"the manifest says uint8 {(self.counts[i], *self.shape)}")

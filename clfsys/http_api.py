@@ -37,6 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_json
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from clfsys import images
@@ -535,6 +536,14 @@ def build_api(backend: Backend, limits: Limits, token_sha256: str | None = None,
     @api.exception_handler(HttpError)
     async def _http_error(_request, exc: HttpError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException):
+        # An unknown route or method: the documented Error shape, not FastAPI's {"detail"},
+        # so that a protocol client (tritonclient reads "error") can decode it.
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse({"error": message}, status_code=exc.status_code,
+                            headers=exc.headers)
 
     def check_name(model: str) -> None:
         if model != name:

@@ -174,7 +174,7 @@ def _backbone(application: str, weights: str, shape: tuple[int, int, int], prepr
         backbone = make(include_top=False, weights="imagenet" if weights == "imagenet" else None,
                         input_shape=shape, pooling="avg", **kwargs)
     except Exception as exc:  # the download fails in many ways (DNS, proxy, HTTP, disk)
-        if weights != "imagenet":
+        if weights != "imagenet" or not _raised_in(exc, "get_file"):
             raise
         raise ConfigError(
             f"model.weights=imagenet: cannot get the ImageNet weights of {application} "
@@ -207,6 +207,14 @@ def _load_weights(backbone, location: str, application: str) -> None:
         except Exception as exc:
             raise ConfigError(f"model.weights: {location} does not fit the {application} "
                               f"backbone ({_first_line(exc)})") from None
+
+
+def _raised_in(exc: BaseException, function: str) -> bool:
+    """Whether `function` (e.g. keras.utils.get_file, the weights' download) is on the stack
+    that raised `exc`."""
+    import traceback
+
+    return any(frame.name == function for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def _first_line(exc: Exception) -> str:

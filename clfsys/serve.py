@@ -20,6 +20,7 @@ out in place of the old one and exits. `app_builder` is the import path for `ser
 
 import asyncio
 import json
+import logging
 import math
 import os
 import re
@@ -226,6 +227,8 @@ class ModelServer:
                                           self.options.request_timeout_s)
         except Exception as exc:  # noqa: BLE001 (any failure of the other app: a 502 here)
             self._handles.pop(name, None)
+            logging.getLogger("ray.serve").exception("model %r did not answer a forwarded "
+                                                     "request", name)
             from clfsys.http_api import Forwarded
 
             body = json.dumps({"error": f"model {name!r} did not answer: "

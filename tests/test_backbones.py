@@ -172,3 +172,16 @@ def test_imagenet_weights_offline_fail_with_one_clear_line(tmp_path):
     assert "model.weights=imagenet: cannot get the ImageNet weights of MobileNetV3Small" in (
         errors[0]) and "copy ~/.keras/models/ to every node" in errors[0]
     assert "Traceback" not in run.stderr
+
+
+def test_a_failure_other_than_the_download_is_not_blamed_on_the_weights(monkeypatch):
+    """Only a failure inside the weights' download says "cannot get the ImageNet weights";
+    anything else in the backbone's builder is raised as itself."""
+    import keras
+
+    def broken(**kwargs):
+        raise TypeError("a bug in the builder")
+
+    monkeypatch.setattr(keras.applications, "MobileNetV3Small", broken)
+    with pytest.raises(TypeError, match="a bug in the builder"):
+        build_model(ModelConfig(arch="mobilenet_v3_small", weights="imagenet"), SHAPE, 3)

@@ -78,7 +78,7 @@ def test_an_image_that_fails_to_decode_is_not_waited_for():
     assert asyncio.run(main()) == 14
 
 
-def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on():
+def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on(caplog):
     async def main():
         model = Model()
         batcher = Batcher(model, max_size=8, wait_s=0.3)
@@ -91,6 +91,10 @@ def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on():
     failed, after = asyncio.run(main())
     assert [str(e) for e in failed] == ["model failed", "model failed"]
     assert after == 10
+    # The server's log holds the failure once, with its traceback.
+    logged = [r for r in caplog.records if r.name == "clfsys.batcher"]
+    assert len(logged) == 1 and logged[0].getMessage() == "the model failed on a batch of 2"
+    assert logged[0].exc_info and str(logged[0].exc_info[1]) == "model failed"
 
 
 def test_a_cancelled_request_is_left_out_of_its_batch():

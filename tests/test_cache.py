@@ -4,6 +4,7 @@ training whose memory does not grow with the dataset (real decoding, real Keras 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import write_folder
 
 from clfsys import cache, data
 from clfsys.config import DataConfig
+from clfsys.storage import StorageError
 
 
 def folder_cfg(root, **kw) -> DataConfig:
@@ -77,6 +79,19 @@ def test_a_torn_shard_is_named(tmp_path):
     np.save(shard, np.zeros((3, 32, 32, 3), dtype=np.uint8))
     with pytest.raises(Exception, match=r"shard-00000\.npy: holds uint8 \(3, 32, 32, 3\)"):
         ds.train_shards.read(0)
+
+
+def test_a_truncated_shard_is_named_in_one_line(tmp_path):
+    """A shard cut short (a copy killed midway): numpy's own error names no file."""
+    root = write_folder(tmp_path / "imgs", per_class=10, size=32)
+    ds = data.load(folder_cfg(root, cache="disk", cache_path=str(tmp_path / "c")))
+    shard = Path(ds.train_shards.shard(0))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(StorageError) as raised:
+        ds.train_shards.read(0)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"{shard}: not a whole shard (1,000 bytes")
+    assert f"delete the cache folder {ds.train_shards.location}" in message
 
 
 PEAK_RSS = """

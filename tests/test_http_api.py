@@ -184,6 +184,22 @@ def test_bad_input_gets_the_protocols_4xx_never_a_500(api):
                          timeout=30).status_code == 200  # still serving
 
 
+def test_unknown_routes_and_methods_answer_in_the_error_shape(api):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    url, _ = api
+    for method, path, status in [("GET", "/nowhere", 404), ("POST", "/v2/repository/index", 404),
+                                 ("GET", "/predict", 405)]:
+        response = requests.request(method, f"{url}{path}", timeout=30)
+        assert response.status_code == status and list(response.json()) == ["error"], path
+        assert response.json()["error"].startswith(f"{method} {path}: "), response.text
+    # The Open Inference Protocol's own client reads "error": it names what went wrong.
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    with pytest.raises(InferenceServerException, match="/v2/repository/index: Not Found"):
+        client.get_model_repository_index()
+
+
 def test_auth_covers_models_and_docs_but_not_health(api):
     _, url = api
     good = png_bytes(2, 9)
