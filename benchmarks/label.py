@@ -8,7 +8,8 @@ same run:
   - the tutorials' per-image loop (load one image, model.predict on it), on a sample,
   - `clfsys label` with 1 actor reading its inputs from and writing its output to a local S3
     server (SeaweedFS on 127.0.0.1, the same files uploaded first), against local files on one node
-    (--no-s3 leaves it out).
+    (--no-s3 leaves it out); and the same through a TCP proxy adding DELAY_MS each way
+    (tests/infra.py's DelayProxy: the order of S3's first-byte latency for small objects).
 Every file is read once before timing (a warm page cache for all). Each variant runs --repeats
 times (interleaved; the median run is reported), each run as its own process session; peak
 memory is the largest sum of the RSS of every process in that session (driver, Ray daemons and
@@ -34,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
+DELAY_MS = 10
 
 
 def session_rss(sid: int) -> int:
@@ -196,6 +198,12 @@ def run_all(args, work: Path, report: dict, s3) -> None:
     from clfsys import storage
     from clfsys.images import is_image_path
 
+    delayed = None
+    if s3 is not None:  # S3's first-byte latency for small objects is of the order of 20 ms
+        from infra import DelayProxy
+
+        delayed = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]), DELAY_MS / 1000)
+
     for name, (folder, bundle_dir) in prepare(work, args.photo_copies).items():
         if args.only and not name.startswith(f"({args.only})"):
             continue
@@ -219,6 +227,8 @@ def run_all(args, work: Path, report: dict, s3) -> None:
             variants["clfsys label, 1 actor, S3 in and out"] = (
                 [sys.executable, "-m", "clfsys.cli", "label", "--model", str(bundle_dir),
                  "--input", inputs, "--output", "S3_OUTPUT", "--batch-size", "512"], "s3")
+            variants[f"... the same, {DELAY_MS} ms added each way"] = (
+                variants["clfsys label, 1 actor, S3 in and out"][0], "s3-delayed")
         for kind, label in (("tfdata", "single process: tf.data + predict(1024)"),
                             ("loop", f"tutorial per-image loop ({args.sample} images)")):
             variants[label] = ([sys.executable, "benchmarks/label.py", "baseline", kind,
@@ -228,13 +238,15 @@ def run_all(args, work: Path, report: dict, s3) -> None:
             for variant, (command, out) in variants.items():
                 if variant.startswith("tutorial") and repeat:
                     continue  # a slow sample; once is enough
-                if out == "s3":  # a new output location each run
-                    command = [s3.uri("labels", f"{folder.name}-{repeat}")
-                               if c == "S3_OUTPUT" or c.startswith(s3.uri("labels")) else c
-                               for c in command]
+                env = None
+                if out in ("s3", "s3-delayed"):  # a new output location each run
+                    command = [s3.uri("labels", f"{folder.name}-{out}-{repeat}")
+                               if c == "S3_OUTPUT" else c for c in command]
+                    if out == "s3-delayed":
+                        env = {**os.environ, "AWS_ENDPOINT_URL": delayed.url}
                 elif out is not None:
                     shutil.rmtree(out, ignore_errors=True)
-                m = measure(command)
+                m = measure(command, env)
                 result = m["result"]
                 if out is not None:
                     assert result["files"] == len(files) and result["missing"] == 0
@@ -264,6 +276,11 @@ def run_all(args, work: Path, report: dict, s3) -> None:
         print(f"1 -> 2 actors: {one:.0f} -> {two:.0f} images/s end to end ({two / one:.2f}x). "
               "Ratios use end-to-end rates, except the per-image loop's own (in run, on a sample).")
         if s3 is not None:
+            slow = rows[f"... the same, {DELAY_MS} ms added each way"]["images_per_s"]
+            fast = rows["clfsys label, 1 actor, S3 in and out"]["images_per_s"]
+            print(f"S3 with {2 * DELAY_MS} ms round trips vs without: {slow:.0f} vs {fast:.0f} "
+                  f"images/s end to end ({slow / fast:.2f}x); at most "
+                  f"{delayed.most_in_flight} GETs in flight at once")
             remote = rows["clfsys label, 1 actor, S3 in and out"]
             local = rows["clfsys label, 1 actor"]
             print(f"S3 in and out vs local files, 1 actor: {remote['images_per_s']:.0f} vs "

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,7 @@ class LocalCluster:
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)
         self.sessions: list[int] = []
+        self.worker_sessions: dict[int, int] = {}  # worker index -> its session
         self.temp_dirs: list[str] = []
         self.gcs = free_port()
         self.address = f"127.0.0.1:{self.gcs}"
@@ -212,6 +214,21 @@ class LocalCluster:
                                  f"{mounts} && exec {start}" if mounts else start],
                                 env=self.env, stdout=log, stderr=log, start_new_session=True)
         self.sessions.append(proc.pid)
+        self.worker_sessions[index] = proc.pid
+
+    def kill_worker(self, index: int = 0) -> None:
+        """The worker node dies: SIGKILL to its raylet and every worker process on it, as when
+        a machine is lost (the head and the drivers stay)."""
+        kill_sessions(self.worker_sessions.pop(index))
+
+    def restart_worker(self, index: int = 0, timeout_s: float = 180) -> None:
+        """A new worker node in the place of a killed one (a new node id)."""
+        self._start_worker(index)
+        deadline = time.monotonic() + timeout_s
+        while len(self.nodes()) < 1 + self.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the restarted worker node did not join")
+            time.sleep(1)
 
     def nodes(self) -> list[dict]:
         out = self._ray(["list", "nodes", "--address", self.address, "--format", "json",
@@ -260,10 +277,12 @@ class Command:
             time.sleep(0.5)
         raise AssertionError(self.tail())
 
-    def stop(self, sig: int = signal.SIGTERM) -> dict:
-        """`sig` (SIGTERM, or SIGINT as Ctrl-C sends) to the command alone; its exit code must
-        be 0 and its last line JSON."""
+    def stop(self, sig: int = signal.SIGTERM, meanwhile: Callable[[], None] = lambda: None
+             ) -> dict:
+        """`sig` (SIGTERM, or SIGINT as Ctrl-C sends) to the command alone, then `meanwhile()`;
+        its exit code must be 0 and its last line JSON."""
         self.process.send_signal(sig)
+        meanwhile()
         stdout, _ = self.process.communicate(timeout=180)
         assert self.process.returncode == 0, self.tail()
         return json.loads(stdout.strip().splitlines()[-1])
@@ -277,3 +296,78 @@ def clfsys_serve(log: Path, env: dict, *args: str) -> Command:
                                env=env, stdout=subprocess.PIPE, stderr=handle, text=True,
                                start_new_session=True)
     return Command(process, log)
+
+
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that delays every chunk by `delay_s` in each direction, without
+    capping bandwidth (each direction is a queue of (due time, bytes)); tc/netem is not
+    available on this kernel. It counts the most HTTP GETs in flight at once: a GET is in
+    flight from its first bytes reaching the proxy until its answer's first bytes do."""
+
+    def __init__(self, target_port: int, delay_s: float):
+        import asyncio
+        import threading
+
+        self.target_port, self.delay_s = target_port, delay_s
+        self.in_flight = self.most_in_flight = self.gets = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._connection, "127.0.0.1", 0), self.loop).result(30)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    async def _connection(self, client_reader, client_writer) -> None:
+        import asyncio
+
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                "127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.close()
+            return
+        waiting = [False]  # this connection's GET has not been answered yet
+        await asyncio.gather(self._pump(client_reader, upstream_writer, waiting, True),
+                             self._pump(upstream_reader, client_writer, waiting, False),
+                             return_exceptions=True)
+
+    async def _pump(self, reader, writer, waiting: list[bool], requests: bool) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def deliver():
+            while True:
+                due, data = await queue.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if not data:
+                    writer.close()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        delivery = asyncio.create_task(deliver())
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if requests and data.startswith(b"GET ") and not waiting[0]:
+                    waiting[0] = True
+                    self.gets += 1
+                    self.in_flight += 1
+                    self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                elif not requests and data and waiting[0]:
+                    waiting[0] = False
+                    self.in_flight -= 1
+                await queue.put((loop.time() + self.delay_s, data))
+                if not data:
+                    break
+        except ConnectionError:
+            await queue.put((loop.time(), b""))
+        await delivery

@@ -175,6 +175,24 @@ def test_missing_files_do_not_stop_the_reading_of_others(tmp_path):
     assert out["error"][4] is None and out["image"][4].mean() == 200
 
 
+def test_only_the_image_bytes_make_an_error_row_a_bug_fails_the_batch(tmp_path, monkeypatch):
+    from clfsys import images
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(good)
+    bad.write_bytes(b"not a png")
+    paths = np.array([str(good), str(bad)], dtype=object)
+    out = label.decode_batch({"path": paths}, (28, 28), "grayscale", 10**6)
+    assert list(out["error"]) == [None, images.NOT_AN_IMAGE]
+
+    def broken(*args, **kwargs):
+        raise AttributeError("a bug, not a bad image")
+
+    monkeypatch.setattr(images, "decode", broken)
+    with pytest.raises(AttributeError, match="a bug, not a bad image"):
+        label.decode_batch({"path": paths}, (28, 28), "grayscale", 10**6)
+
+
 def test_resume_refuses_an_output_of_another_model(fmnist_bundle, trained_bundle, tmp_path):
     root = tmp_path / "in"
     root.mkdir()
@@ -300,3 +318,35 @@ def test_resume_after_a_kill_labels_every_file_exactly_once(fmnist_bundle, tmp_p
     paths = [r["path"] for r in rows]
     assert len(paths) == len(set(paths)) == 3000
     assert json.loads(done.stdout)["duplicates"] == 0
+
+
+def test_s3_to_s3_through_a_delay_reads_many_files_at_once_and_labels_each_once(
+        fmnist_bundle, s3, tmp_path):
+    """With 10 ms added each way (a round trip like S3's first byte), reading one object after
+    another would cost a round trip each in series: the proxy sees many GETs in flight."""
+    from infra import DelayProxy
+
+    from clfsys import storage
+
+    inputs, output = s3.uri("delayed", "in"), s3.uri("delayed", "out")
+    rng = np.random.default_rng(0)
+    names = [f"{i:04d}.png" for i in range(150)]
+    for name in names:
+        storage.write_bytes(storage.join(inputs, name),
+                            png(rng.integers(0, 255, (28, 28), dtype=np.uint8)))
+    proxy = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]), delay_s=0.010)
+    try:
+        env = {**os.environ, **s3.env, "AWS_ENDPOINT_URL": proxy.url}
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run([sys.executable, "-m", "clfsys.cli", "label", "--model",
+                               str(fmnist_bundle), "--input", inputs, "--output", output],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        proxy.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = label.read_output(output, ["path"]).column("path").to_pylist()
+    assert sorted(paths) == sorted(storage.join(inputs, n) for n in names)
+    # More GETs at once than decode tasks can run at once: each task had several in flight.
+    tasks = int(os.cpu_count() / label.TASK_CPUS)
+    assert proxy.gets >= len(names) and proxy.most_in_flight > tasks, (
+        proxy.gets, proxy.most_in_flight, tasks)
