@@ -8,7 +8,7 @@ KERAS_CACHE := $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-cluster test test-quick bench bench-seeds bench-search bench-label bench-serve bench-data lint lock seed-data clean
+.PHONY: demo demo-cluster test test-quick bench bench-seeds bench-search bench-label bench-serve bench-data bench-soak lint lock seed-data clean
 
 # Every install comes from the lock files (locks/*.txt, made by `make lock`), the same versions as
 # on the cluster's nodes (cluster.yaml installs locks/base.txt or locks/gpu.txt).
@@ -46,10 +46,10 @@ demo-cluster: $(STAMP) seed-data
 	$(BIN)/python jobs/demo.py --out $(DEMO_DIR)-cluster --cluster
 
 test: $(STAMP) seed-data
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 test-quick: $(STAMP) seed-data
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
 bench: bench-seeds bench-search bench-label bench-serve bench-data
 
@@ -67,6 +67,12 @@ bench-label: $(STAMP) seed-data
 
 bench-serve: $(STAMP) seed-data
 	$(BIN)/python benchmarks/serve.py
+
+# Soak runs (not in `make bench`): clfsys serve at concurrency 32 for 10 minutes, then
+# clfsys label over 200,000 small files, each checking for errors and flat memory.
+bench-soak: $(STAMP) seed-data
+	$(BIN)/python benchmarks/soak.py --part serve
+	$(BIN)/python benchmarks/soak.py --part label
 
 lint: $(STAMP)
 	$(BIN)/ruff check clfsys tests benchmarks jobs

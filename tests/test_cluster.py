@@ -173,6 +173,44 @@ def test_a_killed_s3_labelling_run_resumes_every_file_once(cluster, s3, trained_
     assert f"{len(partial)} already labelled" in done.stderr
 
 
+def test_a_node_lost_mid_run_leaves_every_file_labelled_once(cluster, s3, trained_bundle,
+                                                             tmp_path):
+    """The worker node dies (raylet and workers killed) while labelling S3 into S3: the run
+    completes with every file once, or exits 1 naming what is unread and `--resume` then
+    labels exactly that."""
+    from clfsys import storage
+
+    files = write_pngs(tmp_path / "in", 3000, seed=4)
+    inputs, out = s3.uri("inputs", "d"), s3.uri("labels", "d")
+    storage.copy_tree(tmp_path / "in", inputs)
+    args = ["label", "--model", str(trained_bundle), "--input", inputs, "--output", out,
+            "--batch-size", "16"]
+    try:
+        with open(tmp_path / "first.log", "w") as log:
+            first = subprocess.Popen([sys.executable, "-m", "clfsys.cli", *args], cwd=ROOT,
+                                     env=cluster.client_env, stdout=subprocess.PIPE,
+                                     stderr=log, text=True, start_new_session=True)
+            wait_for_rows(out)
+            cluster.kill_worker()
+            stdout, _ = first.communicate(timeout=600)
+        text = (tmp_path / "first.log").read_text()
+        assert first.returncode in (0, 1), text[-3000:]
+        summary = json.loads(stdout.strip().splitlines()[-1])
+        print(f"node lost mid-label: exit {first.returncode}, {summary.get('unread', 0)} unread")
+        if first.returncode == 1:
+            assert summary["unread"] > 0 and summary["missing"] == summary["unread"], summary
+            unread = json.loads(storage.read_text(storage.join(out, "_unread.json")))
+            assert len(unread) == summary["unread"]
+            done = clfsys(cluster, *args, "--resume")
+            assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        if 0 not in cluster.worker_sessions:
+            cluster.restart_worker()
+    paths = output_paths(out)
+    assert len(paths) == len(set(paths)) == 3000
+    assert set(paths) == {storage.join(inputs, f.name) for f in files}
+
+
 def test_storage_failure_mid_run_exits_non_zero_and_resume_completes(cluster, s3,
                                                                      trained_bundle, tmp_path):
     from clfsys import storage
@@ -214,30 +252,6 @@ def test_storage_failure_mid_run_exits_non_zero_and_resume_completes(cluster, s3
     assert not (out / "_unread.json").exists()
 
 
-SEARCH = '''
-import sys
-from ray import tune
-import keras
-from clfsys.config import load_config
-from clfsys.search import run_search
-
-
-class FailOnce(keras.callbacks.Callback):
-    """Fails each trial once, after its second epoch's checkpoint, unless it was restored."""
-
-    def on_train_begin(self, logs=None):
-        self.restored = tune.get_checkpoint() is not None
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 1 and not self.restored:
-            raise RuntimeError("injected failure after epoch 2")
-
-
-cfg = load_config(sys.argv[1])
-print(run_search(cfg, sys.argv[2], resume="--resume" in sys.argv, callbacks=[FailOnce()]))
-'''
-
-
 def search_config(tmp_path: Path, storage_path: str) -> Path:
     from conftest import job_config
 
@@ -253,17 +267,6 @@ def search_config(tmp_path: Path, storage_path: str) -> Path:
 """)
 
 
-def trial_epochs(experiment: str) -> dict[str, list[int]]:
-    from clfsys import storage
-
-    found = {}
-    for file in storage.list_files(experiment):
-        if file.endswith("/result.json"):
-            lines = storage.read_text(file).splitlines()
-            found[file.rsplit("/", 2)[1]] = [json.loads(x)["epoch"] for x in lines if x.strip()]
-    return found
-
-
 def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(cluster, tmp_path):
     config = search_config(tmp_path, str(tmp_path / "ray"))
     done = clfsys(cluster, "tune", "--config", str(config), "--out", str(tmp_path / "out"))
@@ -273,29 +276,31 @@ def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(cluster, tmp_pa
 
 
 def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_path):
+    from search_job import epochs_begun, went_on
+
     from clfsys import storage
 
     experiment = s3.uri("tune", "search")
     config = search_config(tmp_path, s3.uri("tune"))
-    script = tmp_path / "search.py"
-    script.write_text(SEARCH)
-    out = s3.uri("tune-out")
-    command = [sys.executable, str(script), str(config), out]
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=ROOT, env=cluster.client_env, stdout=log,
-                                 stderr=log, start_new_session=True)
+    out, log = s3.uri("tune-out"), s3.uri("tune-epochs")
+    command = [sys.executable, str(Path(__file__).with_name("search_job.py")), str(config), out,
+               log, "--fail-once"]
+    with open(tmp_path / "first.log", "w") as first:
+        driver = subprocess.Popen(command, cwd=ROOT, env=cluster.client_env, stdout=first,
+                                  stderr=first, start_new_session=True)
         deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and first.poll() is None:
+        while time.monotonic() < deadline and driver.poll() is None:
             try:
-                if any(3 in epochs for epochs in trial_epochs(experiment).values()):
+                if any(3 in epochs for epochs in epochs_begun(log).values()):
                     break
             except Exception:
                 pass
             time.sleep(0.5)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
     first_log = (tmp_path / "first.log").read_text()
-    assert any(3 in e for e in trial_epochs(experiment).values()), first_log[-3000:]
+    before = epochs_begun(log)
+    assert any(3 in e for e in before.values()), first_log[-3000:]
     assert not storage.exists(storage.join(out, "trials.csv"))
 
     done = subprocess.run(command + ["--resume"], cwd=ROOT, env=cluster.client_env,
@@ -305,17 +310,69 @@ def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_pa
 
     table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "trials.csv"))))
     assert len(table) == 4 and (table["status"] == "TERMINATED").all(), table.to_string()
+    assert table["failure"].isna().all() and (table["epochs_run"] == 3).all()
     assert set(table["node_id"]) == {n["node_id"] for n in cluster.nodes()}
-    for trial, epochs in trial_epochs(experiment).items():  # retried from its checkpoint
-        assert sorted(set(epochs)) == [1, 2, 3], (trial, epochs)
-    log = first_log + done.stderr
-    assert log.count("injected failure after epoch 2") >= 1
-    assert "resuming from checkpoint at epoch 2" in log
+    # Each trial failed once after epoch 2 and went on from its checkpoint, and the resumed
+    # search went on from where each trial was: none began again from scratch.
+    after = epochs_begun(log)
+    for trial in table["trial_id"]:
+        assert went_on(before.get(trial, []), after[trial], 3), (trial, before, after)
+    log_text = first_log + done.stderr
+    assert log_text.count("injected failure after epoch 2") >= 1
+    assert "resuming from checkpoint at epoch 2" in log_text
     assert storage.is_file(storage.join(out, "best", "model.keras"))
     assert any("/logs/" in f and "events.out.tfevents" in f
                for f in storage.list_files(experiment))  # TensorBoard logs reached S3
     result = done.stdout.strip().splitlines()[-1]
     assert "'bundle': 's3://clfsys/tune-out/best'" in result
+
+
+def test_a_search_on_s3_survives_a_lost_node(cluster, s3, tmp_path):
+    """The worker node dies while a trial trains there: that trial goes on from its S3
+    checkpoint on the head, counted as an infrastructure failure, and the search completes."""
+    from search_job import epochs_begun, went_on
+
+    from clfsys import storage
+
+    config = search_config(tmp_path, s3.uri("lost-tune"))
+    config.write_text(config.read_text().replace("max_failures: 1", "max_failures: 2"))
+    out, log = s3.uri("lost-out"), s3.uri("lost-epochs")
+    command = [sys.executable, str(Path(__file__).with_name("search_job.py")), str(config), out,
+               log]
+    try:
+        with open(tmp_path / "search.log", "w") as output:
+            driver = subprocess.Popen(command, cwd=ROOT, env=cluster.client_env, stdout=output,
+                                      stderr=output, start_new_session=True)
+            # One trial per node (2 CPUs each): killed once both trials have begun epoch 2.
+            deadline = time.monotonic() + 400
+            before: dict[str, list[int]] = {}
+            while time.monotonic() < deadline and driver.poll() is None:
+                try:
+                    before = epochs_begun(log)
+                except Exception:
+                    before = {}
+                if sum(2 in epochs for epochs in before.values()) >= 2:
+                    break
+                time.sleep(0.3)
+            cluster.kill_worker()
+            driver.wait(timeout=600)
+        text = (tmp_path / "search.log").read_text()
+        assert driver.returncode == 0, text[-4000:]
+    finally:
+        if 0 not in cluster.worker_sessions:
+            cluster.restart_worker()
+    import pandas as pd
+
+    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "trials.csv"))))
+    assert len(table) == 4 and (table["status"] == "TERMINATED").all(), table.to_string()
+    assert (table["epochs_run"] == 3).all()
+    lost = table[table["failures"] > 0]
+    print(f"node lost mid-search: {len(lost)} trial(s) went on elsewhere: "
+          f"{lost[['trial_id', 'failures', 'last_failure']].to_dict('records')}")
+    assert len(lost) >= 1 and (lost["last_failure"] == "infrastructure").all(), table.to_string()
+    after = epochs_begun(log)
+    for trial in table["trial_id"]:  # from its checkpoint, not from scratch
+        assert went_on(before.get(trial, []), after[trial], 3), (trial, before, after)
 
 
 def healthz_nodes(url: str, expected: set[str], timeout_s: float = 120) -> set[str]:
@@ -361,10 +418,57 @@ def test_serve_a_bundle_on_s3_with_a_replica_on_each_node(cluster, s3, trained_b
         assert other.stop()["application"] == "other"
         assert requests.get(f"{url}/other/healthz", timeout=10).status_code == 404
         assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+
+        # The worker node dies under steady load (4 clients, one request each at a time): the
+        # replica on the head goes on answering; only requests in flight may fail.
+        statuses = load_while_a_node_dies(cluster, f"{url}/predict", image.getvalue(), clients=4)
+        failed = [s for s in statuses if s != 200]
+        print(f"node lost under load: {len(statuses)} requests, {len(failed)} not 200 "
+              f"({sorted(set(map(str, failed)))})")
+        assert len(failed) <= 4, statuses
+        assert statuses[-20:] == [200] * 20
+        assert healthz_nodes(url, {cluster.head_node_id()}) == {cluster.head_node_id()}
     finally:
         results = [server.stop() for server in (other, main)
                    if server is not None and server.process.poll() is None]
+        if 0 not in cluster.worker_sessions:
+            cluster.restart_worker()
     assert results[-1]["application"] == "clfsys" and results[-1]["stopped_by"] == "SIGTERM"
+
+
+def load_while_a_node_dies(cluster: LocalCluster, url: str, body: bytes, clients: int,
+                           before_s: float = 3, after_s: float = 15) -> list:
+    """POST `body` to `url` from `clients` threads in a closed loop; kill the worker node after
+    `before_s` and go on for `after_s` more. Every answer's status (or the exception's name),
+    in the order they came."""
+    import threading
+
+    import requests
+
+    statuses: list = []
+    lock, stop = threading.Lock(), threading.Event()
+
+    def client():
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    status = session.post(url, data=body, timeout=30,
+                                          headers={"Content-Type": "image/png"}).status_code
+                except requests.RequestException as exc:
+                    status = type(exc).__name__
+                with lock:
+                    statuses.append(status)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(before_s)
+    cluster.kill_worker()
+    time.sleep(after_s)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    return statuses
 
 
 def test_a_submitted_gpu_search_runs_its_trials_on_the_gpu_node(cluster, s3, tmp_path):

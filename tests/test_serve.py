@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -360,12 +361,10 @@ def test_schemathesis_finds_no_failures(endpoint, tmp_path):
 def test_swapping_the_model_under_load_fails_no_request(endpoint, trained_bundle,
                                                         retrained_bundle, predictor, tmp_path):
     """A second `clfsys serve` on the same name rolls the new bundle out and exits; steady
-    load sees only 200s, and the model_id switches (and back, on rollback). Under the HAProxy
-    ingress, the default (the rollout is Serve's own, whichever ingress is in front)."""
+    load sees only 200s, and the model_id switches (and back, on rollback), under each
+    ingress (the rollout is Serve's own, but each ingress learns of the new replicas its own
+    way)."""
     import aiohttp
-
-    if endpoint.ingress != "haproxy":
-        pytest.skip("the swap is tested under the default ingress, HAProxy (saves ~50 s)")
 
     from clfsys.bundle import load
 
@@ -468,8 +467,29 @@ def test_sigterm_drains_removes_its_app_and_leaves_no_process(endpoint):
     assert requests.get(f"{url}/secure/healthz", timeout=10).status_code == 404
     assert requests.get(f"{url}/healthz", timeout=10).status_code == 200  # the other stays
 
+    # Requests in flight when the signal comes: each has sent its headers and half its image,
+    # and the rest only after the signal. Each is answered 200 before the command exits.
+    body = png_bytes(1, 5)
+    host, port = url.removeprefix("http://").split(":")
+    in_flight = []
+    for _ in range(4):
+        sock = socket.create_connection((host, int(port)), timeout=60)
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+        in_flight.append(sock)
+    time.sleep(2)  # they reach the replica
+    answers = []
+
+    def finish_them():
+        time.sleep(1)  # the drain has begun
+        for sock in in_flight:
+            sock.sendall(body[len(body) // 2:])
+        answers.extend(http_answer(sock) for sock in in_flight)
+
     sid = endpoint.main.process.pid
-    result = endpoint.main.stop(sig)
+    result = endpoint.main.stop(sig, meanwhile=finish_them)
+    assert [status for status, _ in answers] == [200] * 4, answers
+    assert all(json.loads(answer)["label"] in ("left", "right", "top") for _, answer in answers)
     assert result["application"] == "clfsys" and result["deployed"]
     assert result["stopped_by"] == sig.name
     assert "SIGTERM received" not in endpoint.main.log.read_text()  # not Ray's crash handler
@@ -484,6 +504,23 @@ def test_sigterm_drains_removes_its_app_and_leaves_no_process(endpoint):
     assert not left, left
     assert not ingress.haproxy_pids(Path(ingress.RUN_PREFIX)), \
         "an HAProxy of clfsys serve outlived it"
+
+
+def http_answer(sock) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 response read from `sock`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, (head, rest)
+        rest += chunk
+    sock.close()
+    return int(head.split()[1]), rest[:length]
 
 
 def test_app_builder_and_the_serve_config_file(trained_bundle):
