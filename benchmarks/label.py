@@ -6,6 +6,8 @@ same run:
   - `clfsys label` end to end (Ray Data -> Parquet) with 1 and 2 Predictor actors,
   - a single-process baseline: tf.data decode + model.predict in batches of 1024, no Parquet,
   - the tutorials' per-image loop (load one image, model.predict on it), on a sample,
+  - the driver's writer alone (without --only): rows/s that the driver turns into Parquet files
+    locally and on S3, the ceiling of a cluster's labelling rate,
   - `clfsys label` with 1 actor reading its inputs from and writing its output to a local S3
     server (SeaweedFS on 127.0.0.1, the same files uploaded first), against local files on one node
     (--no-s3 leaves it out); and the same through a TCP proxy adding DELAY_MS each way
@@ -163,6 +165,31 @@ def prepare(work: Path, copies: int) -> dict[str, tuple[Path, Path]]:
             f"(b) hymenoptera photos x{copies}": (photos, photo_bundle)}
 
 
+def writer_capacity(location: str, rows: int = 200_000, block: int = 2048) -> float:
+    """Rows/s of the driver's side of `clfsys label` alone: what it does with each block the
+    actors return (split off the unread rows, select the columns, write one Parquet file)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from clfsys import label, storage
+
+    classes = [f"class_{i}" for i in range(10)]
+    table = pa.Table.from_pylist([{
+        "path": f"s3://bucket/inputs/fashion_mnist_png/train/{i % 10}/{i:07d}.png",
+        "label": classes[i % 10], "label_index": i % 10, "confidence": 0.9,
+        "top_k": [{"label": classes[(i + k) % 10], "score": 0.9 / (k + 1)} for k in range(3)],
+        "needs_review": False, "error": None, "model_id": "0123456789abcdef",
+        "read_error": None} for i in range(block)], schema=label._pipeline_schema())
+    columns = label.schema().names
+    writer = label._Writer(location)
+    storage.make_dirs(location)
+    started = time.perf_counter()
+    for _ in range(rows // block):
+        failed = table.column("read_error").is_valid()
+        writer.write(table.filter(pc.invert(failed)).select(columns))
+    return writer.written / (time.perf_counter() - started)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "baseline":
         baseline(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
@@ -187,11 +214,26 @@ def main() -> None:
         s3 = S3Server(work / "s3").start()
         os.environ.update(s3.env)  # this process uploads; the variant's process inherits it
     try:
+        if not args.only:
+            report["driver writer alone"] = writer_side(work, s3)
         run_all(args, work, report, s3)
     finally:
         if s3 is not None:
             s3.stop()
     (work / "results.json").write_text(json.dumps(report, indent=2))
+
+
+def writer_side(work: Path, s3) -> dict:
+    """The driver's writer alone, to a local folder and to S3: every row of a cluster's run
+    passes through it, so it must keep up with many nodes."""
+    shutil.rmtree(work / "writer", ignore_errors=True)
+    rates = {"local folder": writer_capacity(str(work / "writer"))}
+    if s3 is not None:
+        rates["S3"] = writer_capacity(s3.uri("writer", str(int(time.time()))))
+    print("\n## the driver's writer alone (200,000 rows in blocks of 2,048)")
+    for where, rate in rates.items():
+        print(f"| {where:<12} | {rate:>9,.0f} rows/s |")
+    return rates
 
 
 def run_all(args, work: Path, report: dict, s3) -> None:

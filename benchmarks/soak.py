@@ -1,0 +1,173 @@
+"""Soak: long runs that must not leak or fail (`make bench-soak`).
+
+  --part serve: `clfsys serve` (HAProxy ingress, the default) under closed-loop load at
+      concurrency 32 for --minutes (default 10): every answer must be a 200, and the replica's
+      RSS, sampled after each 30 s window, must stay within 10% after the first minute.
+  --part label: `clfsys label` over --files (default 200,000) small PNGs: the driver's and the
+      Predictor actor's RSS, sampled every second with the driver's own progress count, must
+      stay within 10% after the first 20,000 files while the actor labels.
+
+Load goes to 127.0.0.1 only; every loop is bounded by time or count and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+FLAT = 1.10
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def titled(prefix: bytes) -> list[int]:
+    """Processes whose title (Ray names its workers ray::...) starts with `prefix`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(prefix):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def flatness(values: list[float]) -> float:
+    return max(values) / min(values) if values else float("nan")
+
+
+def soak_serve(work: Path, bundle_dir: Path, minutes: float) -> dict:
+    from conftest import free_port, pattern_image
+    from PIL import Image
+    from serve import load_level, start, stop
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    rng = np.random.default_rng(0)
+    bodies = []
+    for i in range(16):
+        buffer = io.BytesIO()
+        Image.fromarray(pattern_image(i % 3, 20, rng)).save(buffer, "PNG")
+        bodies.append((buffer.getvalue(), {"Content-Type": "image/png"}))
+    server = start([sys.executable, "-m", "clfsys.cli", "serve", "--model", str(bundle_dir),
+                    "--port", str(port)], url, work / "serve.log")
+    windows = []
+    try:
+        ends = time.monotonic() + minutes * 60
+        while time.monotonic() < ends:
+            level = asyncio.run(load_level(f"{url}/predict", bodies, 32,
+                                           min(30.0, ends - time.monotonic())))
+            replicas = titled(b"ray::ServeReplica:clfsys:")
+            windows.append({"t_s": round(minutes * 60 - (ends - time.monotonic())),
+                            "requests": level["requests"], "errors": level["errors"],
+                            "rps": round(level["rps"]), "p99_ms": round(level["p99"], 1),
+                            "replica_rss_mb": round(rss_mb(replicas), 1)})
+            print(json.dumps(windows[-1]), flush=True)
+    finally:
+        stop(server)
+    after = [w["replica_rss_mb"] for w in windows if w["t_s"] > 60]
+    return {"windows": windows, "requests": sum(w["requests"] for w in windows),
+            "errors": sum(w["errors"] for w in windows),
+            "replica_rss_flatness_after_1min": round(flatness(after), 3)}
+
+
+def soak_label(work: Path, bundle_dir: Path, files: int) -> dict:
+    from PIL import Image
+
+    folder = work / f"pngs_{files}"
+    if not folder.exists():
+        rng = np.random.default_rng(0)
+        for i in range(files):
+            target = folder / f"{i // 1000:04d}" / f"{i:07d}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(target)
+    out = work / "labels"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    driver = subprocess.Popen([sys.executable, "-m", "clfsys.cli", "label", "--model",
+                               str(bundle_dir), "--input", str(folder), "--output", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    progress = [0]
+
+    def follow():
+        for line in driver.stderr:
+            found = re.match(r"labelled (\d+)/", line)
+            if found:
+                progress[0] = int(found.group(1))
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    samples = []
+    started = time.monotonic()
+    while driver.poll() is None and time.monotonic() - started < 3600:
+        actors = titled(b"ray::MapWorker(MapBatches(LabelActor))")
+        samples.append({"t_s": round(time.monotonic() - started, 1), "labelled": progress[0],
+                        "driver_rss_mb": round(rss_mb([driver.pid]), 1),
+                        "actor_rss_mb": round(rss_mb(actors), 1)})
+        time.sleep(1)
+    stdout, _ = driver.communicate(timeout=600)
+    reader.join(10)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    # While the actor labels (after it, the driver reads the output back for the summary).
+    after = [s for s in samples if s["labelled"] >= 20_000 and s["actor_rss_mb"] > 0]
+    return {"files": summary["files"], "missing": summary["missing"],
+            "files_per_s": summary.get("files_per_s"), "exit": driver.returncode,
+            "samples": samples[::max(1, len(samples) // 40)],
+            "driver_peak_mb": max(s["driver_rss_mb"] for s in samples),
+            "driver_rss_flatness_after_20k": round(flatness(
+                [s["driver_rss_mb"] for s in after]), 3),
+            "actor_rss_flatness_after_20k": round(flatness(
+                [s["actor_rss_mb"] for s in after]), 3)}
+
+
+def main() -> None:
+    from label import make_bundle
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--part", choices=("serve", "label"), required=True)
+    parser.add_argument("--work", default="runs/bench/soak")
+    parser.add_argument("--minutes", type=float, default=10.0, help="serve: how long")
+    parser.add_argument("--files", type=int, default=200_000, help="label: how many files")
+    args = parser.parse_args()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    bundle_dir = make_bundle(work / "bundle_fmnist_1", ["train.epochs=1", "data.limit=10000"])
+    if args.part == "serve":
+        result = soak_serve(work, bundle_dir, args.minutes)
+        verdict = (f"{result['requests']} requests, {result['errors']} errors; replica RSS "
+                   f"max/min after the first minute {result['replica_rss_flatness_after_1min']}"
+                   f" (target <= {FLAT})")
+    else:
+        result = soak_label(work, bundle_dir, args.files)
+        verdict = (f"{result['files']} files, {result['missing']} missing, exit "
+                   f"{result['exit']}; RSS max/min after 20,000 files: driver "
+                   f"{result['driver_rss_flatness_after_20k']}, actor "
+                   f"{result['actor_rss_flatness_after_20k']} (target <= {FLAT})")
+    (work / f"{args.part}.json").write_text(json.dumps(result, indent=1))
+    print(verdict)
+
+
+if __name__ == "__main__":
+    main()
