@@ -46,7 +46,7 @@ demo-cluster: $(STAMP) seed-data
 	$(BIN)/python jobs/demo.py --out $(DEMO_DIR)-cluster --cluster
 
 test: $(STAMP) seed-data
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 test-quick: $(STAMP) seed-data
 	$(BIN)/python -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)

@@ -304,15 +304,15 @@ def sampled_points(table: pd.DataFrame) -> list[tuple]:
 
 
 def test_optuna_tpe_chooses_the_configurations_after_its_random_start(tmp_path):
-    """Two seeded Optuna searches of 6 trials, one at a time: one all random (6 start-up
-    trials), one where TPE chooses after 3. The same seed samples the same 3 first; TPE, which
+    """Two seeded Optuna searches of 4 trials, one at a time: one all random (4 start-up
+    trials), one where TPE chooses after 2. The same seed samples the same 2 first; TPE, which
     models their results, then chooses others than the random sampler would. (Conditional
     parameters used to be named <arch>/<key>, which Tune flattens on: Optuna failed at once.)"""
     folder = write_folder(tmp_path / "images", per_class=10, size=16)
     runs, largest = [], 0
-    for run, startup in enumerate((6, 3)):
+    for run, startup in enumerate((4, 2)):
         cfg = search_config(folder, CONDITIONAL, **{
-            "tune.searcher": "optuna", "tune.startup_trials": startup, "tune.num_samples": 6,
+            "tune.searcher": "optuna", "tune.startup_trials": startup, "tune.num_samples": 4,
             "tune.max_epochs": 1, "tune.grace_period": 1, "tune.scheduler": "none",
             "tune.max_concurrent_trials": 1, "tune.seed": 3})
         if run == 1:  # the largest model of the first run is not allowed now
@@ -323,16 +323,16 @@ def test_optuna_tpe_chooses_the_configurations_after_its_random_start(tmp_path):
         assert (table[["ms_per_image_b1", "ms_per_image_b32", "model_mb"]] > 0).all().all()
         assert (table["params"] > 0).all()
         largest = int(table["params"].max())
-        assert len(table) == 6 and (table["status"] == "TERMINATED").all(), table.to_string()
-        assert result["trials"] == 6
+        assert len(table) == 4 and (table["status"] == "TERMINATED").all(), table.to_string()
+        assert result["trials"] == 4
         for _, row in table.iterrows():  # each trial carries its own architecture's parameter
             own = "param.model.filters" if row["param.model.arch"] == "cnn" else \
                 "param.model.units"
             assert pd.notna(row[own]), row.to_dict()
         runs.append(set(sampled_points(table)))
     random_only, with_tpe = runs
-    assert len(random_only) == len(with_tpe) == 6  # six different points each
-    assert len(random_only & with_tpe) == 3, (random_only, with_tpe)
+    assert len(random_only) == len(with_tpe) == 4  # four different points each
+    assert len(random_only & with_tpe) == 2, (random_only, with_tpe)
     # Selection under tune.select: the most accurate trial within the limit.
     limit = cfg.tune.select.max_params
     ranked = table.sort_values("best_val_accuracy", ascending=False, kind="stable")
@@ -357,8 +357,8 @@ def test_a_time_budget_on_the_default_search_writes_every_output(tmp_path, sched
     from clfsys.config import load_config
 
     cfg = load_config(ROOT / "jobs" / "fashion_mnist.yaml", [
-        "data.limit=600", "tune.num_samples=12", "tune.max_epochs=3",
-        "tune.time_budget_s=25", f"tune.scheduler={scheduler}", f"tune.searcher={searcher}"])
+        "data.limit=300", "tune.num_samples=6", "tune.max_epochs=3",
+        "tune.time_budget_s=15", f"tune.scheduler={scheduler}", f"tune.searcher={searcher}"])
     result = run_search(cfg, tmp_path / "out")
     table = pd.read_csv(tmp_path / "out" / "trials.csv")
     assert table["trial_id"].is_unique and result["trials"] == len(table)
@@ -366,8 +366,8 @@ def test_a_time_budget_on_the_default_search_writes_every_output(tmp_path, sched
     pending = table[table["status"] == "NOT_STARTED"]
     assert len(ran) >= 1 and (table["status"] != "ERROR").all(), table.to_string()
     assert result["not_started"] == len(pending)
-    if searcher == "random":  # all 12 are sampled up front; 2 run at a time
-        assert len(table) == 12 and len(pending) >= 1, table.to_string()
+    if searcher == "random":  # all 6 are sampled up front; 2 run at a time
+        assert len(table) == 6 and len(pending) >= 1, table.to_string()
         assert pending["param.model.filters"].notna().all()
         assert pending["param.train.lr"].notna().all()
         assert pending["best_val_accuracy"].isna().all()
