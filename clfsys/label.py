@@ -47,7 +47,7 @@ READ_ATTEMPTS = 3
 READS_IN_FLIGHT = 32
 """Files one decode task reads at once from an object store. Each GET waits a round trip (tens
 of ms on S3 for a small object): read one after another, 2,000 PNGs through a proxy adding
-10 ms each way took 60 s where the CPUs needed 16. Local files are read one by one."""
+10 ms each way took 60 s, against 16 s without it (issue 24). Local files are read one by one."""
 
 
 class ReadBreaker:
@@ -123,7 +123,7 @@ def read_files(paths: list[str], breaker: ReadBreaker) -> Iterator[bytes | str]:
             window, probe = window[1:], _read(window[0], attempts=1)
             breaker.record(probe if isinstance(probe, storage.StorageError) else None)
             yield str(probe) if isinstance(probe, storage.StorageError) else probe
-            if breaker.open:
+            if breaker.open or not window:
                 yield from (f"{p}: not tried, storage failing ({breaker.last})" for p in window)
                 continue
         for outcome in (_readers[0].map(lambda p: _read(p, READ_ATTEMPTS), window)

@@ -175,6 +175,20 @@ def test_missing_files_do_not_stop_the_reading_of_others(tmp_path):
     assert out["error"][4] is None and out["image"][4].mean() == 200
 
 
+def test_an_open_breaker_probes_and_a_successful_probe_reads_the_rest(tmp_path):
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for f in files:
+        f.write_bytes(png(np.zeros((28, 28), dtype=np.uint8)))
+    breaker = label.ReadBreaker(give_up_after=2, probe_every_s=3600)
+    breaker.in_a_row = 2  # storage was failing; no probe yet
+    read = list(label.read_files([str(f) for f in files], breaker))
+    assert read == [f.read_bytes() for f in files]  # the probe worked: all read, none skipped
+    assert not breaker.open
+    breaker.in_a_row, breaker.last = 2, "down"  # failing again, and the last probe just now
+    assert list(label.read_files([str(files[0])], breaker)) == [
+        f"{files[0]}: not tried, storage failing (down)"]
+
+
 def test_only_the_image_bytes_make_an_error_row_a_bug_fails_the_batch(tmp_path, monkeypatch):
     from clfsys import images
 
