@@ -215,7 +215,7 @@ def test_storage_failure_mid_run_exits_non_zero_and_resume_completes(cluster, s3
                                                                      trained_bundle, tmp_path):
     from clfsys import storage
 
-    write_pngs(tmp_path / "in", 2000, seed=3)
+    write_pngs(tmp_path / "in", 640, seed=3)
     storage.copy_tree(tmp_path / "in", s3.uri("inputs", "c"))
     out = tmp_path / "labels"
     args = ["label", "--model", str(trained_bundle), "--input", s3.uri("inputs", "c"),
@@ -247,7 +247,7 @@ def test_storage_failure_mid_run_exits_non_zero_and_resume_completes(cluster, s3
     done = clfsys(cluster, *args, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = pq.read_table(out).to_pylist()
-    assert len(rows) == len({r["path"] for r in rows}) == 2000
+    assert len(rows) == len({r["path"] for r in rows}) == 640
     assert all(r["error"] is None for r in rows)
     assert not (out / "_unread.json").exists()
 
@@ -419,10 +419,81 @@ def test_serve_a_bundle_on_s3_with_a_replica_on_each_node(cluster, s3, trained_b
         assert other.stop()["application"] == "other"
         assert requests.get(f"{url}/other/healthz", timeout=10).status_code == 404
         assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+
+        # The worker node dies under steady load (4 clients, one request each at a time): the
+        # replica on the head goes on answering; only the requests in flight may fail.
+        answers = load_while_a_node_dies(cluster, f"{url}/predict", image.getvalue(), clients=4)
+        failed = [s for client in answers for s in client if s != 200]
+        print(f"node lost under load: {sum(map(len, answers))} requests, {len(failed)} not 200 "
+              f"({sorted(set(map(str, failed)))})")
+        assert len(failed) <= 4, answers
+        head = cluster.head_node_id()
+        assert [healthz_node(url) for _ in range(10)] == [head] * 10
     finally:
         results = [server.stop() for server in (other, main)
                    if server is not None and server.process.poll() is None]
+        if 0 not in cluster.worker_sessions:
+            cluster.restart_worker()
     assert results[-1]["application"] == "clfsys" and results[-1]["stopped_by"] == "SIGTERM"
+
+
+def load_while_a_node_dies(cluster: LocalCluster, url: str, body: bytes, clients: int,
+                           before_s: float = 3, most_s: float = 120) -> list[list]:
+    """POST `body` to `url` from `clients` threads, each in a closed loop, and kill the worker
+    node after `before_s`. The load goes on until Ray has marked that node dead and every
+    client has had 5 answers in a row that were 200, each asked after that (at most `most_s`):
+    a request stuck on the dead replica is answered only when Ray notices the death, so it
+    counts. Each client's answers: the status, or the exception's name."""
+    import threading
+
+    import requests
+
+    answers: list[list] = [[] for _ in range(clients)]
+    asked: list[list[float]] = [[] for _ in range(clients)]
+    lock, stop = threading.Lock(), threading.Event()
+
+    def client(i: int):
+        with requests.Session() as session:
+            while not stop.is_set():
+                began = time.monotonic()
+                try:
+                    status = session.post(url, data=body, timeout=60,
+                                          headers={"Content-Type": "image/png"}).status_code
+                except requests.RequestException as exc:
+                    status = type(exc).__name__
+                with lock:
+                    answers[i].append(status)
+                    asked[i].append(began)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(before_s)
+    cluster.kill_worker()
+    killed, dead, steady = time.monotonic(), None, False
+    while not steady and time.monotonic() < killed + most_s:
+        if dead is None and len(cluster.nodes()) == 1:
+            dead = time.monotonic()
+        with lock:
+            steady = dead is not None and all(
+                len(a) >= 5 and a[-5:] == [200] * 5 and t[-5] > dead
+                for a, t in zip(answers, asked))
+        time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join(90)
+    assert dead is not None, f"Ray did not mark the killed node dead in {most_s} s"
+    assert steady, f"no steady 200s {most_s} s after the kill: {answers}"
+    print(f"node marked dead {dead - killed:.1f} s after the kill")
+    return answers
+
+
+def healthz_node(url: str) -> str:
+    import requests
+
+    answer = requests.get(f"{url}/healthz", timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["node_id"]
 
 
 def test_a_submitted_gpu_search_runs_its_trials_on_the_gpu_node(cluster, s3, tmp_path):
