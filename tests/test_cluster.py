@@ -477,7 +477,7 @@ def load_while_a_node_dies(cluster: LocalCluster, url: str, body: bytes, clients
         with lock:
             steady = dead is not None and all(
                 len(a) >= 5 and a[-5:] == [200] * 5 and t[-5] > dead
-                for a, t in zip(answers, asked))
+                for a, t in zip(answers, asked, strict=True))
         time.sleep(0.5)
     stop.set()
     for thread in threads:
