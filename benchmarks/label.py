@@ -11,7 +11,10 @@ same run:
   - `clfsys label` with 1 actor reading its inputs from and writing its output to a local S3
     server (SeaweedFS on 127.0.0.1, the same files uploaded first), against local files on one node
     (--no-s3 leaves it out); and the same through a TCP proxy adding DELAY_MS each way
-    (tests/infra.py's DelayProxy: the order of S3's first-byte latency for small objects).
+    (tests/infra.py's DelayProxy: the order of S3's first-byte latency for small objects),
+  - the S3 reader alone (with S3): 2,000 of the first dataset's files read 32 at a time, through
+    `storage.read_many` (obstore) and through pyarrow in a thread per read, with and without
+    the proxy.
 Every file is read once before timing (a warm page cache for all). Each variant runs --repeats
 times (interleaved; the median run is reported), each run as its own process session; peak
 memory is the largest sum of the RSS of every process in that session (driver, Ray daemons and
@@ -236,6 +239,65 @@ def writer_side(work: Path, s3) -> dict:
     return rates
 
 
+def reads_alone(s3, files: list[str], in_flight: int = 32, repeats: int = 3) -> dict:
+    """Objects/s of the reader alone, `in_flight` reads at a time (one decode task's window),
+    with and without DELAY_MS each way: `storage.read_many` against the reader it replaced
+    (pyarrow's `open_input_stream` in a thread per read: a HEAD, then a GET). Best of
+    `repeats`, alternating."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from infra import DelayProxy
+
+    from clfsys import storage
+
+    inputs = s3.uri("reads-alone")
+    keys = [storage.join(inputs, f"{i:05d}{Path(f).suffix}") for i, f in enumerate(files)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda kf: storage.write_bytes(kf[0], Path(kf[1]).read_bytes()),
+                      zip(keys, files, strict=True)))
+    proxy = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]), DELAY_MS / 1000)
+    rates: dict[str, dict[str, float]] = {}
+    try:
+        for added, endpoint in ((0, s3.endpoint), (DELAY_MS, proxy.url)):
+            os.environ["AWS_ENDPOINT_URL"] = endpoint
+            storage._filesystem.cache_clear()
+            storage._s3_store.cache_clear()
+            fs, _ = storage.resolve(inputs)
+
+            def pyarrow_read(location: str, fs=fs) -> bytes:
+                with fs.open_input_stream(storage.resolve(location)[1]) as handle:
+                    return handle.read()
+
+            def pyarrow_threads(window: list[str]) -> list[bytes]:
+                with ThreadPoolExecutor(len(window)) as pool:
+                    return list(pool.map(pyarrow_read, window))
+
+            readers = {"pyarrow, a thread per read": pyarrow_threads,
+                       "storage.read_many (obstore)": storage.read_many}
+            for reader in readers.values():
+                reader(keys[:in_flight])  # connections and clients made before timing
+            for name, reader in readers.items():
+                best = 0.0
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    for i in range(0, len(keys), in_flight):
+                        got = reader(keys[i:i + in_flight])
+                        assert all(isinstance(g, bytes) for g in got), got[:1]
+                    best = max(best, len(keys) / (time.perf_counter() - started))
+                rates.setdefault(name, {})[f"{added} ms"] = best
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
+        storage._filesystem.cache_clear()
+        storage._s3_store.cache_clear()
+        proxy.stop()
+    print(f"\n## S3 reads alone: {len(keys)} objects, {in_flight} in flight, best of {repeats}")
+    print(f"| reader                      | objects/s, 0 ms | objects/s, {DELAY_MS} ms each way |")
+    print("|-----------------------------|-----------------|---------------------------|")
+    for name, rate in rates.items():
+        print(f"| {name:<27} | {rate['0 ms']:>15,.0f} | {rate[f'{DELAY_MS} ms']:>25,.0f} |")
+    return rates
+
+
 def run_all(args, work: Path, report: dict, s3) -> None:
     from clfsys import storage
     from clfsys.images import is_image_path
@@ -250,6 +312,8 @@ def run_all(args, work: Path, report: dict, s3) -> None:
         if args.only and not name.startswith(f"({args.only})"):
             continue
         files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_path(p))
+        if s3 is not None and "reads alone" not in report:
+            report["reads alone"] = reads_alone(s3, files[:2000])
         listing = work / f"files_{folder.name}.txt"
         listing.write_text("\n".join(files))
         warm_page_cache(files)

@@ -23,7 +23,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +44,10 @@ beside the actor; on larger nodes tasks overcommit cores by at most a third. Dif
 for tasks and the actor also stop Ray Data fusing decoding into the actor's process."""
 READ_ATTEMPTS = 3
 READS_IN_FLIGHT = 32
-"""Files one decode task reads at once from an object store. Each GET waits a round trip (tens
-of ms on S3 for a small object): read one after another, 2,000 PNGs through a proxy adding
-10 ms each way took 60 s, against 16 s without it (issue 24). Local files are read one by one."""
+"""Files one decode task reads at once from an object store (`storage.read_many`). Each GET
+waits a round trip (tens of ms on S3 for a small object): read one after another, 2,000 PNGs
+through a proxy adding 10 ms each way took 60 s, against 16 s without it (issue 24). Local
+files are read one by one."""
 
 
 class ReadBreaker:
@@ -95,22 +95,12 @@ _breaker = ReadBreaker()
 SUMMARY_FILE = "_summary.json"
 UNREAD_FILE = "_unread.json"
 REPORT_FILE = "_report.html"
-_readers: list[ThreadPoolExecutor] = []
-
-
-def _read(path: str, attempts: int) -> bytes | storage.StorageError:
-    try:
-        return storage.retrying(lambda: storage.read_bytes(path), attempts=attempts)
-    except storage.StorageError as exc:
-        return exc
 
 
 def read_files(paths: list[str], breaker: ReadBreaker) -> Iterator[bytes | str]:
     """Each file's bytes in turn, or why it was not read (after READ_ATTEMPTS with backoff, or
     not tried while `breaker` is open); from an object store `breaker.window` at a time (at
     most READS_IN_FLIGHT, so at most that many files are held at once)."""
-    if not _readers:
-        _readers.append(ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="read"))
     remote = bool(paths) and storage.is_uri(paths[0])
     start = 0
     while start < len(paths):
@@ -120,14 +110,13 @@ def read_files(paths: list[str], breaker: ReadBreaker) -> Iterator[bytes | str]:
             if not breaker.may_probe():
                 yield from (f"{p}: not tried, storage failing ({breaker.last})" for p in window)
                 continue
-            window, probe = window[1:], _read(window[0], attempts=1)
+            window, (probe,) = window[1:], storage.read_many(window[:1], attempts=1)
             breaker.record(probe if isinstance(probe, storage.StorageError) else None)
             yield str(probe) if isinstance(probe, storage.StorageError) else probe
             if breaker.open or not window:
                 yield from (f"{p}: not tried, storage failing ({breaker.last})" for p in window)
                 continue
-        for outcome in (_readers[0].map(lambda p: _read(p, READ_ATTEMPTS), window)
-                        if len(window) > 1 else [_read(window[0], READ_ATTEMPTS)]):
+        for outcome in storage.read_many(window, attempts=READ_ATTEMPTS):
             failed = isinstance(outcome, storage.StorageError)
             breaker.record(outcome if failed else None)
             yield str(outcome) if failed else outcome

@@ -121,8 +121,12 @@ def _inline_png(fig) -> str:
     return f"<img src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
 
 
+SHEET_SIZE = 24
+"""The label report shows this many of the least confident images."""
+
+
 def label_report(summary: dict, rows, thumbnail, class_names: list[str],
-                 sheet_size: int = 24) -> str:
+                 sheet_size: int = SHEET_SIZE) -> str:
     """The labelling run's HTML page: counts per class, errors by kind, a confidence histogram
     and a contact sheet of the least confident images (`thumbnail(path)` -> uint8 RGB or None).
     `rows`: a DataFrame with path, label, confidence, error."""

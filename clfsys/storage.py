@@ -7,8 +7,10 @@ environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REG
 GOOGLE_APPLICATION_CREDENTIALS, ...) and from the URI's own query string
 (`s3://bucket/key?endpoint_override=host:port`); clfsys has no credential flags of its own.
 
-Failures to reach or read storage raise `StorageError`, which names the location. Nothing here
-imports TensorFlow or Ray.
+Reads from S3 go through obstore (one GET per object, many at once over pooled connections),
+configured from what pyarrow makes of the same URI and environment; everything else goes
+through pyarrow's filesystems. Failures to reach or read storage raise `StorageError`, which
+names the location. Nothing here imports TensorFlow or Ray.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -247,6 +250,12 @@ def read_bytes(location: str | Path) -> bytes:
             raise StorageError(f"{text}: no such file", not_found=True) from None
         except OSError as exc:
             raise StorageError(f"{text}: {exc.strerror or _first_line(exc)}") from None
+    target = _object_store(text)
+    if target is not None:  # one GET, where pyarrow's stream would ask for the size first
+        outcome = _on_loop(_get(text, *target, attempts=1, first_wait_s=0))
+        if isinstance(outcome, StorageError):
+            raise outcome
+        return outcome
     fs, path = resolve(text)
     try:
         with fs.open_input_stream(path) as handle:
@@ -255,6 +264,136 @@ def read_bytes(location: str | Path) -> bytes:
         raise StorageError(f"{text}: no such file", not_found=True) from None
     except OSError as exc:
         raise StorageError(f"{text}: {_first_line(exc)}") from None
+
+
+def read_many(locations: list[str], *, attempts: int = 4,
+              first_wait_s: float = 0.25) -> list[bytes | StorageError]:
+    """Each location's bytes, or the StorageError of its last attempt (never raised), in order;
+    retried as `retrying` does (a missing file is not retried).
+
+    Objects on S3 are all requested at once, each with one GET (pyarrow's streams ask for the
+    size first: a HEAD, a second round trip) over obstore's pooled connections; 2,000 photos
+    read 32 at a time through 10 ms of added latency each way went from 323-333/s (a pyarrow
+    thread per read) to 822-847/s. Other URIs go through pyarrow in threads; local files are
+    read one by one."""
+    targets = [_object_store(loc) for loc in locations]
+    if locations and all(targets):
+        return _on_loop(_get_all(locations, targets, attempts, first_wait_s))
+
+    def one(location: str) -> bytes | StorageError:
+        try:
+            return retrying(lambda: read_bytes(location), attempts=attempts,
+                            first_wait_s=first_wait_s)
+        except StorageError as exc:
+            return exc
+
+    if len(locations) < 2 or not is_uri(locations[0]):
+        return [one(loc) for loc in locations]
+    with ThreadPoolExecutor(len(locations), thread_name_prefix="read") as pool:
+        return list(pool.map(one, locations))
+
+
+def _object_store(location: str):
+    """(obstore store, key) for an s3:// location whose configuration obstore can take over
+    from pyarrow's (keys, endpoint, region); None otherwise (then pyarrow reads it)."""
+    if not location.startswith("s3://"):
+        return None
+    authority, path, query = _split(location)
+    try:
+        store = _s3_store(f"{authority}/{query}")
+    except StorageError:  # pyarrow's read then says why
+        return None
+    return (store, path) if store is not None else None
+
+
+@functools.lru_cache(maxsize=64)
+def _s3_store(root: str):
+    try:
+        import obstore.store
+    except ImportError:
+        return None
+    fs, _bucket = resolve(root)
+    if type(fs).__name__ != "S3FileSystem":
+        return None
+    options = fs.__reduce__()[1][0]  # what pyarrow made of the URI's query and the environment
+    if options["anonymous"] or options["role_arn"] or options["proxy_options"]["host"] or \
+            options["session_token"]:
+        return None
+    endpoint = options["endpoint_override"]
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{options['scheme']}://{endpoint}"
+    config = {"region": options["region"] or os.environ.get("AWS_REGION") or
+              os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        config["endpoint"] = endpoint
+    key = options["access_key"] or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = options["secret_key"] or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        config.update(access_key_id=key, secret_access_key=secret)
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            config["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    bucket = urlsplit(root).netloc
+    from datetime import timedelta
+
+    return obstore.store.S3Store(
+        bucket, config=config, retry_config={"max_retries": 0},  # retried here, as elsewhere
+        client_options={"allow_http": endpoint.startswith("http://"),
+                        "connect_timeout": timedelta(seconds=10),
+                        "timeout": timedelta(seconds=120)})
+
+
+async def _get_all(locations, targets, attempts: int, first_wait_s: float) -> list:
+    import asyncio
+
+    return await asyncio.gather(*(_get(loc, store, key, attempts, first_wait_s)
+                                  for loc, (store, key) in zip(locations, targets, strict=True)))
+
+
+async def _get(location: str, store, key: str, attempts: int,
+               first_wait_s: float) -> bytes | StorageError:
+    """One object with one GET, retried with backoff; its StorageError when that fails."""
+    import asyncio
+
+    import obstore
+    from obstore.exceptions import NotFoundError
+
+    wait = first_wait_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return bytes(await (await obstore.get_async(store, key)).bytes_async())
+        except (NotFoundError, FileNotFoundError):
+            return StorageError(f"{location}: no such file", not_found=True)
+        except Exception as exc:  # obstore's errors, timeouts, connection failures
+            if attempt == attempts:
+                return StorageError(f"{location}: {_object_store_reason(exc)}")
+        await asyncio.sleep(wait)
+        wait *= 2
+    raise AssertionError("unreachable")
+
+
+def _object_store_reason(exc: BaseException) -> str:
+    """obstore's first line without the request's URL and timing (so that failures group),
+    and the operating system's words for the cause, which only its debug dump holds."""
+    text = str(exc)
+    first = re.sub(r"Error performing \w+ \S+ in \S+ - ", "", _first_line(exc))
+    cause = re.findall(r'message: "([^"]+)"', text)
+    return f"{first} ({cause[-1]})" if cause else first
+
+
+_loop: list = []
+
+
+def _on_loop(coroutine):
+    """Run `coroutine` on this process's I/O event loop (a daemon thread, started once), so it
+    works whether or not the caller's thread runs a loop of its own."""
+    import asyncio
+    import threading
+
+    if not _loop:
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="storage-io", daemon=True).start()
+        _loop.append(loop)
+    return asyncio.run_coroutine_threadsafe(coroutine, _loop[0]).result()
 
 
 def read_text(location: str | Path) -> str:
@@ -327,13 +466,14 @@ def copy_tree(source: str | Path, destination: str | Path) -> None:
 
 
 def retrying(action: Callable[[], T], *, attempts: int = 4, first_wait_s: float = 0.25) -> T:
-    """Run `action`, retrying a StorageError with exponential backoff (0.25, 0.5, 1 s, ...)."""
+    """Run `action`, retrying a StorageError with exponential backoff (0.25, 0.5, 1 s, ...);
+    a missing file is an answer, not a failure to reach storage, and is raised at once."""
     wait = first_wait_s
     for attempt in range(1, attempts + 1):
         try:
             return action()
-        except StorageError:
-            if attempt == attempts:
+        except StorageError as exc:
+            if attempt == attempts or exc.not_found:
                 raise
             time.sleep(wait)
             wait *= 2

@@ -162,6 +162,7 @@ def s3(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in server.env}
     os.environ.update(server.env)
     storage._filesystem.cache_clear()
+    storage._s3_store.cache_clear()
     yield server
     server.stop()
     for key, value in saved.items():
@@ -170,3 +171,4 @@ def s3(tmp_path_factory):
         else:
             os.environ[key] = value
     storage._filesystem.cache_clear()
+    storage._s3_store.cache_clear()

@@ -301,15 +301,18 @@ def clfsys_serve(log: Path, env: dict, *args: str) -> Command:
 class DelayProxy:
     """A TCP proxy on 127.0.0.1 that delays every chunk by `delay_s` in each direction, without
     capping bandwidth (each direction is a queue of (due time, bytes)); tc/netem is not
-    available on this kernel. It counts the most HTTP GETs in flight at once: a GET is in
-    flight from its first bytes reaching the proxy until its answer's first bytes do."""
+    available on this kernel. It records each HTTP request line ("GET /bucket/key?query") in
+    `requests`, and counts the most GETs in flight at once: a GET is in flight from its first
+    bytes reaching the proxy until its answer's first bytes do."""
 
     def __init__(self, target_port: int, delay_s: float):
         import asyncio
         import threading
 
         self.target_port, self.delay_s = target_port, delay_s
-        self.in_flight = self.most_in_flight = self.gets = 0
+        self.in_flight = self.most_in_flight = 0
+        self.requests: list[str] = []
+        self._writers: set = set()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -318,8 +321,21 @@ class DelayProxy:
         self.port = self.server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
 
+    @property
+    def gets(self) -> int:
+        return sum(r.startswith("GET ") for r in self.requests)
+
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
+        import asyncio
+
+        async def shutdown() -> None:  # connections still open end here, not at exit
+            self.server.close()
+            for writer in self._writers:
+                writer.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            await asyncio.wait(tasks, timeout=5) if tasks else None
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
@@ -332,12 +348,13 @@ class DelayProxy:
         except OSError:
             client_writer.close()
             return
-        waiting = [False]  # this connection's GET has not been answered yet
+        self._writers |= {client_writer, upstream_writer}
+        waiting = [""]  # the method of this connection's request that is not answered yet
         await asyncio.gather(self._pump(client_reader, upstream_writer, waiting, True),
                              self._pump(upstream_reader, client_writer, waiting, False),
                              return_exceptions=True)
 
-    async def _pump(self, reader, writer, waiting: list[bool], requests: bool) -> None:
+    async def _pump(self, reader, writer, waiting: list[str], requests: bool) -> None:
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -357,17 +374,21 @@ class DelayProxy:
         try:
             while True:
                 data = await reader.read(1 << 16)
-                if requests and data.startswith(b"GET ") and not waiting[0]:
-                    waiting[0] = True
-                    self.gets += 1
-                    self.in_flight += 1
-                    self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                if requests and data and not waiting[0]:  # a request begins
+                    line = data.split(b"\r\n", 1)[0].decode("latin-1").rsplit(" ", 1)[0]
+                    self.requests.append(line)
+                    waiting[0] = line.split(" ", 1)[0]
+                    if waiting[0] == "GET":
+                        self.in_flight += 1
+                        self.most_in_flight = max(self.most_in_flight, self.in_flight)
                 elif not requests and data and waiting[0]:
-                    waiting[0] = False
-                    self.in_flight -= 1
+                    if waiting[0] == "GET":
+                        self.in_flight -= 1
+                    waiting[0] = ""
                 await queue.put((loop.time() + self.delay_s, data))
                 if not data:
                     break
         except ConnectionError:
             await queue.put((loop.time(), b""))
         await delivery
+        self._writers.discard(writer)

@@ -94,14 +94,14 @@ def test_the_worker_node_cannot_see_the_heads_files(cluster, tmp_path):
 
 
 def test_label_head_local_inputs_is_complete(cluster, trained_bundle, tmp_path):
-    files = write_pngs(tmp_path / "in", 600)
+    files = write_pngs(tmp_path / "in", 300)
     out = tmp_path / "labels"
     done = clfsys(cluster, "label", "--model", str(trained_bundle), "--input",
                   str(tmp_path / "in"), "--output", str(out), "--batch-size", "32",
                   "--actors", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = result_line(done)
-    assert (summary["labelled"], summary["unread"], summary["missing"]) == (600, 0, 0)
+    assert (summary["labelled"], summary["unread"], summary["missing"]) == (300, 0, 0)
     paths = output_paths(str(out))
     assert sorted(paths) == sorted(map(str, files))
     assert "decoding on this node" in done.stderr
@@ -114,14 +114,14 @@ def test_label_head_local_inputs_is_complete(cluster, trained_bundle, tmp_path):
     assert lied.returncode == 1, lied.stderr[-3000:]
     summary = result_line(lied)
     assert summary["unread"] > 0 and summary["errors"] == {} and \
-        summary["labelled"] + summary["unread"] == 600
+        summary["labelled"] + summary["unread"] == 300
     assert "no such file" in lied.stderr
 
 
 def test_label_s3_inputs_into_s3_output_every_file_once(cluster, s3, trained_bundle, tmp_path):
     from clfsys import storage
 
-    files = write_pngs(tmp_path / "in", 800, seed=1)
+    files = write_pngs(tmp_path / "in", 400, seed=1)
     storage.copy_tree(tmp_path / "in", s3.uri("inputs", "a"))
     storage.copy_tree(trained_bundle, s3.uri("bundles", "small"))
     out = s3.uri("labels", "a")
@@ -130,7 +130,7 @@ def test_label_s3_inputs_into_s3_output_every_file_once(cluster, s3, trained_bun
     assert done.returncode == 0, done.stderr[-3000:]
     paths = output_paths(out)
     assert sorted(paths) == sorted(s3.uri("inputs", "a", f.name) for f in files)
-    assert json.loads(storage.read_text(storage.join(out, "_summary.json")))["labelled"] == 800
+    assert json.loads(storage.read_text(storage.join(out, "_summary.json")))["labelled"] == 400
     assert storage.is_file(storage.join(out, "_report.html"))
 
 

@@ -44,6 +44,33 @@ def test_write_read_list_expand(where, tmp_path, request):
     assert storage.list_files(storage.join(base, "absent")) == []
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_many_returns_each_file_or_why_not_in_order(where, tmp_path, request):
+    base = str(tmp_path / "many") if where == "local" else \
+        request.getfixturevalue("s3").uri("read-many")
+    names = [f"{i:03d}.bin" for i in range(40)]
+    for name in names:
+        storage.write_bytes(storage.join(base, name), name.encode() * 100)
+    wanted = [storage.join(base, n) for n in names[:20]] + [storage.join(base, "gone.bin")] + \
+        [storage.join(base, n) for n in names[20:]]
+    got = storage.read_many(wanted, first_wait_s=0.01)
+    missing = got.pop(20)
+    assert got == [n.encode() * 100 for n in names]
+    assert isinstance(missing, storage.StorageError) and missing.not_found
+    assert str(missing) == f"{storage.join(base, 'gone.bin')}: no such file"
+
+
+def test_read_many_from_unreachable_storage_returns_errors_after_its_attempts(s3):
+    from conftest import free_port
+
+    down = f"s3://{s3.bucket}/k?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
+    got = storage.read_many([storage.join(down, "a.png"), storage.join(down, "b.png")],
+                            attempts=2, first_wait_s=0.01)
+    assert [type(g) for g in got] == [storage.StorageError] * 2
+    assert not got[0].not_found and str(got[0]).startswith(storage.join(down, "a.png") + ": ")
+    assert str(got[0]).endswith("(Connection refused)"), got[0]  # one line, with the cause
+
+
 def test_retrying_backs_off_then_gives_up():
     calls = []
 
@@ -57,6 +84,15 @@ def test_retrying_backs_off_then_gives_up():
     with pytest.raises(storage.StorageError):
         storage.retrying(lambda: (_ for _ in ()).throw(storage.StorageError("x")),
                          attempts=2, first_wait_s=0.01)
+    calls.clear()
+
+    def missing():
+        calls.append(1)
+        raise storage.StorageError("gone: no such file", not_found=True)
+
+    with pytest.raises(storage.StorageError, match="no such file"):
+        storage.retrying(missing, first_wait_s=0.01)
+    assert len(calls) == 1  # an answer, not an outage: not asked again
 
 
 def test_a_bundle_on_s3_is_fetched_checked_and_portable(s3, trained_bundle, tmp_path,
