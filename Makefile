@@ -27,6 +27,7 @@ lock:
 	$(UV_COMPILE) -o locks/base.txt
 	$(UV_COMPILE) --extra dev -c locks/base.txt -o locks/dev.txt
 	$(UV_COMPILE) --extra gpu -c locks/base.txt -o locks/gpu.txt
+	$(BIN)/uv pip compile benchmarks/daft.in --python-version 3.11 --quiet -o locks/daft.txt
 
 # Keras reads ~/.keras/datasets/fashion-mnist/*.gz before trying the network.
 seed-data:
@@ -62,8 +63,15 @@ bench-data: $(STAMP) seed-data
 bench-search: $(STAMP) seed-data
 	$(BIN)/python benchmarks/search.py
 
-bench-label: $(STAMP) seed-data
-	$(BIN)/python benchmarks/label.py
+# Daft, the peer in bench-label, in its own environment: daft 0.7 needs pyarrow < 26.
+DAFT_ENV := runs/bench/daft-env
+$(DAFT_ENV)/.installed-stamp: locks/daft.txt
+	$(PYTHON) -m venv $(DAFT_ENV)
+	$(DAFT_ENV)/bin/python -m pip install --quiet -r locks/daft.txt
+	touch $@
+
+bench-label: $(STAMP) seed-data $(DAFT_ENV)/.installed-stamp
+	$(BIN)/python benchmarks/label.py --daft-python $(DAFT_ENV)/bin/python
 
 bench-serve: $(STAMP) seed-data
 	$(BIN)/python benchmarks/serve.py

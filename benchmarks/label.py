@@ -6,6 +6,8 @@ same run:
   - `clfsys label` end to end (Ray Data -> Parquet) with 1 and 2 Predictor actors,
   - a single-process baseline: tf.data decode + model.predict in batches of 1024, no Parquet,
   - the tutorials' per-image loop (load one image, model.predict on it), on a sample,
+  - Daft (with --daft-python, as `make bench-label` runs it): the same job as Daft's docs would
+    have it written (`daft_job`), in its own environment (locks/daft.txt),
   - the driver's writer alone (without --only): rows/s that the driver turns into Parquet files
     locally and on S3, the ceiling of a cluster's labelling rate,
   - `clfsys label` with 1 actor reading its inputs from and writing its output to a local S3
@@ -130,6 +132,55 @@ def baseline(kind: str, bundle_dir: str, files_list: str, sample: int) -> None:
     print(json.dumps({"images": count, "images_per_s": count / wall}))
 
 
+DAFT = "Daft 0.7: download, decode, @daft.cls predict(512)"
+
+
+def daft_job(bundle_dir: str, folder: str, out: str) -> None:
+    """The same job in Daft, as its docs would have a user write it (runs in the Daft
+    environment, without clfsys): list the files, download the bytes, decode and resize to the
+    model's input, run model.keras in a `@daft.cls` batch method, write Parquet."""
+    import daft
+    import keras
+    import numpy as np
+    import pyarrow.parquet as pq
+    from daft import DataType
+    from daft.functions import decode_image, download, image_to_tensor, resize
+
+    metadata = json.loads((Path(bundle_dir) / "metadata.json").read_text())
+    (h, w, channels), classes = metadata["input_shape"], metadata["class_names"]
+
+    @daft.cls
+    class Classifier:
+        def __init__(self, model_file: str):
+            self.model = keras.saving.load_model(model_file, compile=False)
+
+        @daft.method.batch(return_dtype=DataType.struct(
+            {"label": DataType.string(), "confidence": DataType.float32()}), batch_size=512)
+        def __call__(self, pixels):
+            images = pixels.to_pylist()  # None where the bytes were not an image
+            decoded = [i for i, image in enumerate(images) if image is not None]
+            rows: list[dict | None] = [None] * len(images)
+            if decoded:
+                batch = np.stack([images[i] for i in decoded]).reshape(-1, h, w, channels)
+                probabilities = self.model.predict(batch, verbose=0)
+                for i, p in zip(decoded, probabilities, strict=True):
+                    rows[i] = {"label": classes[p.argmax()], "confidence": float(p.max())}
+            return rows
+
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    classify = Classifier(str(Path(bundle_dir) / "model.keras"))
+    df = daft.from_glob_path(f"{folder}/**/*")
+    image = decode_image(download(df["path"]), on_error="null",  # a row for every file
+                         mode="L" if channels == 1 else "RGB")
+    df = df.with_column("pixels", image_to_tensor(resize(image, w, h)))
+    df = df.with_column("prediction", classify(df["pixels"])).select("path", "prediction")
+    df.write_parquet(out)
+    count = pq.read_table(out, columns=["path"]).num_rows
+    wall = time.perf_counter() - started
+    print(json.dumps({"images": count, "images_per_s": count / wall}))
+
+
 # --- the benchmark ----------------------------------------------------------------------------
 
 
@@ -197,6 +248,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "baseline":
         baseline(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "daft":
+        daft_job(sys.argv[2], sys.argv[3], sys.argv[4])
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", default="runs/bench/label")
     parser.add_argument("--sample", type=int, default=300, help="per-image loop: images")
@@ -204,6 +258,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median)")
     parser.add_argument("--only", choices=("a", "b"), help="run one dataset: (a) or (b)")
     parser.add_argument("--no-s3", action="store_true", help="leave out the S3 variant")
+    parser.add_argument("--daft-python", help="the Daft environment's python (make bench-label "
+                        "makes runs/bench/daft-env); without it the Daft variant is left out")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -339,6 +395,9 @@ def run_all(args, work: Path, report: dict, s3) -> None:
                             ("loop", f"tutorial per-image loop ({args.sample} images)")):
             variants[label] = ([sys.executable, "benchmarks/label.py", "baseline", kind,
                                 str(bundle_dir), str(listing), str(args.sample)], None)
+        if args.daft_python:
+            variants[DAFT] = ([args.daft_python, "benchmarks/label.py", "daft", str(bundle_dir),
+                               str(folder), str(work / f"daft_{folder.name}")], None)
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for repeat in range(args.repeats):  # interleaved, so drifts hit every variant alike
             for variant, (command, out) in variants.items():
@@ -357,6 +416,8 @@ def run_all(args, work: Path, report: dict, s3) -> None:
                 if out is not None:
                     assert result["files"] == len(files) and result["missing"] == 0
                     result = {"images": result["files"], "images_per_s": result["files_per_s"]}
+                elif not variant.startswith("tutorial"):
+                    assert result["images"] == len(files), (variant, result)
                 runs[variant].append({"images": result["images"], "wall_s": m["wall_s"],
                                       "in_run_images_per_s": result["images_per_s"],
                                       "peak_mb": m["peak_mb"]})
@@ -381,6 +442,10 @@ def run_all(args, work: Path, report: dict, s3) -> None:
         one, two = (rows[k]["images_per_s"] for k in list(rows)[:2])
         print(f"1 -> 2 actors: {one:.0f} -> {two:.0f} images/s end to end ({two / one:.2f}x). "
               "Ratios use end-to-end rates, except the per-image loop's own (in run, on a sample).")
+        if DAFT in rows:
+            daft = rows[DAFT]["images_per_s"]
+            print(f"clfsys (best of 1 and 2 actors) vs Daft: {max(one, two):.0f} vs {daft:.0f} "
+                  f"images/s end to end ({max(one, two) / daft:.2f}x)")
         if s3 is not None:
             slow = rows[f"... the same, {DELAY_MS} ms added each way"]["images_per_s"]
             fast = rows["clfsys label, 1 actor, S3 in and out"]["images_per_s"]
