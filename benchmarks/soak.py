@@ -5,7 +5,9 @@
       RSS, sampled after each 30 s window, must stay within 10% after the first minute.
   --part label: `clfsys label` over --files (default 200,000) small PNGs: the driver's and the
       Predictor actor's RSS, sampled every second with the driver's own progress count, must
-      stay within 10% after the first 20,000 files while the actor labels.
+      stay within 10% after the first 20,000 files while the actor labels. Anonymous memory
+      (RssAnon, what a leak grows) is reported beside RSS, which also counts object-store and
+      file pages.
 
 Load goes to 127.0.0.1 only; every loop is bounded by time or count and stops by itself.
 """
@@ -40,6 +42,20 @@ def rss_mb(pids: list[int]) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return total * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def anon_mb(pids: list[int]) -> float:
+    """The processes' anonymous resident memory (RssAnon): what a leak grows. RSS also counts
+    the pages of Ray's object store (shared memory) and of files that a process has touched,
+    which come and go with the blocks it holds."""
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += int(re.search(r"^RssAnon:\s+(\d+) kB", status, re.M).group(1))
+        except (OSError, AttributeError):
+            continue
+    return total / 1e3
 
 
 def titled(prefix: bytes) -> list[int]:
@@ -125,7 +141,9 @@ def soak_label(work: Path, bundle_dir: Path, files: int) -> dict:
         actors = titled(b"ray::MapWorker(MapBatches(LabelActor))")
         samples.append({"t_s": round(time.monotonic() - started, 1), "labelled": progress[0],
                         "driver_rss_mb": round(rss_mb([driver.pid]), 1),
-                        "actor_rss_mb": round(rss_mb(actors), 1)})
+                        "actor_rss_mb": round(rss_mb(actors), 1),
+                        "driver_anon_mb": round(anon_mb([driver.pid]), 1),
+                        "actor_anon_mb": round(anon_mb(actors), 1)})
         time.sleep(1)
     stdout, _ = driver.communicate(timeout=600)
     reader.join(10)
@@ -139,7 +157,11 @@ def soak_label(work: Path, bundle_dir: Path, files: int) -> dict:
             "driver_rss_flatness_after_20k": round(flatness(
                 [s["driver_rss_mb"] for s in after]), 3),
             "actor_rss_flatness_after_20k": round(flatness(
-                [s["actor_rss_mb"] for s in after]), 3)}
+                [s["actor_rss_mb"] for s in after]), 3),
+            "driver_anon_flatness_after_20k": round(flatness(
+                [s["driver_anon_mb"] for s in after]), 3),
+            "actor_anon_flatness_after_20k": round(flatness(
+                [s["actor_anon_mb"] for s in after]), 3)}
 
 
 def main() -> None:
@@ -164,7 +186,9 @@ def main() -> None:
         verdict = (f"{result['files']} files, {result['missing']} missing, exit "
                    f"{result['exit']}; RSS max/min after 20,000 files: driver "
                    f"{result['driver_rss_flatness_after_20k']}, actor "
-                   f"{result['actor_rss_flatness_after_20k']} (target <= {FLAT})")
+                   f"{result['actor_rss_flatness_after_20k']}; anonymous memory (RssAnon): "
+                   f"driver {result['driver_anon_flatness_after_20k']}, actor "
+                   f"{result['actor_anon_flatness_after_20k']} (target <= {FLAT})")
     (work / f"{args.part}.json").write_text(json.dumps(result, indent=1))
     print(verdict)
 
