@@ -401,14 +401,14 @@ def test_swapping_the_model_under_load_fails_no_request(endpoint, trained_bundle
 
     async def main():
         load_task = asyncio.create_task(load_until_stopped())
-        await asyncio.sleep(2)
+        await asyncio.sleep(1)
         forward = await swap(retrained_bundle, tmp_path / "forward.log")
         swapped_at = len(seen)
-        await asyncio.sleep(3)
+        await asyncio.sleep(1.5)
         rollback_from = len(seen)
         back = await swap(trained_bundle, tmp_path / "back.log")
         rolled_back_at = len(seen)
-        await asyncio.sleep(3)
+        await asyncio.sleep(1.5)
         stop.set()
         await load_task
         return forward, back, (swapped_at, rollback_from, rolled_back_at)
