@@ -347,6 +347,11 @@ def _label(todo: list[str], found: bundle.Bundle, options: LabelOptions, out: st
     last_report = time.monotonic()
     seen = 0
     failure = None
+
+    def report():
+        print(f"labelled {seen}/{len(todo)} files, {writer.written} rows saved to {out}, "
+              f"{len(unread)} unread", file=sys.stderr, flush=True)
+
     try:
         for table in _pipeline(todo, found, options).iter_batches(batch_size=None,
                                                                    batch_format="pyarrow"):
@@ -357,8 +362,8 @@ def _label(todo: list[str], found: bundle.Bundle, options: LabelOptions, out: st
             seen += table.num_rows
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
-                print(f"labelled {seen}/{len(todo)} files, {writer.written} rows saved to "
-                      f"{out}, {len(unread)} unread", file=sys.stderr, flush=True)
+                report()
+        report()  # the pipeline has drained: what follows is the count of the output
     except storage.StorageError as exc:
         failure = f"cannot write to {out}: {exc}"
     except Exception as exc:  # a lost node or actor past Ray's retries: keep what came back
