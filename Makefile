@@ -83,7 +83,7 @@ bench-soak: $(STAMP) seed-data
 	$(BIN)/python benchmarks/soak.py --part label
 
 lint: $(STAMP)
-	$(BIN)/ruff check clfsys tests benchmarks jobs
+	$(BIN)/ruff check clfsys tests benchmarks jobs deploy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -308,6 +308,13 @@ def app_builder(args: dict[str, Any]):
     `args`: model (required) and any ServeOptions field; auth_token_env names an environment
     variable of the replicas' runtime environment that holds the bearer token.
     """
+    model, options = app_args(args)
+    return build_app(model, options, token=read_auth_token(options.auth_token_env))
+
+
+def app_args(args: dict[str, Any]) -> tuple[str, ServeOptions]:
+    """`app_builder`'s args as the bundle's location and checked ServeOptions (also used to
+    check a Serve config file, e.g. the RayService's, without starting anything)."""
     args = dict(args)
     model = args.pop("model", None)
     if not model:
@@ -319,7 +326,8 @@ def app_builder(args: dict[str, Any]):
     # `serve run ... key=value` passes strings; config files pass typed YAML values.
     options = ServeOptions(**{k: yaml.safe_load(v) if isinstance(v, str) and k not in (
         "host", "auth_token_env", "name", "ingress") else v for k, v in args.items()})
-    return build_app(model, options, token=read_auth_token(options.auth_token_env))
+    options.check()
+    return model, options
 
 
 def _log(message: str) -> None:
