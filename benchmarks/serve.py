@@ -247,10 +247,10 @@ INFERENCE_ROUTES = {"/predict": ("/predict", "own"), "V2 infer": ("/v2/models/cl
 def in_process(bundle_dir: str, bodies: dict, requests: int = 2000,
                rounds: int = 5) -> dict[str, list[float]]:
     """Microseconds a request on each inference route of clfsys's app run in this process
-    (http_api.call_asgi: no sockets, no Ray) with the real Predictor, one request at a time;
+    (clfsys.http.call_asgi: no sockets, no Ray) with the real Predictor, one request at a time;
     `rounds` rounds, each visiting every route in turn, the order rotating. The routes differ
     only in parsing and answering, which a load test can hide under its noise."""
-    from clfsys.http_api import DirectBackend, Limits, build_api, call_asgi
+    from clfsys.http import DirectBackend, Limits, build_api, call_asgi
     from clfsys.predict import Predictor
 
     app = build_api(DirectBackend(Predictor(bundle_dir)), Limits(10 << 20))

@@ -1,5 +1,5 @@
 """Online endpoint: a Ray Serve deployment (`ModelServer`) whose HTTP routes come from
-clfsys.http_api, in front of Serve's HAProxy ingress or its Python proxy (clfsys.ingress).
+clfsys.http, in front of Serve's HAProxy ingress or its Python proxy (clfsys.ingress).
 
 Each replica hosts one Predictor. Requests are batched by clfsys.batcher: a batch forms when
 the model is free and waits only for requests already being decoded; batches of any size go
@@ -175,7 +175,7 @@ class ReplicaMetrics:
 
 class ModelServer:
     """The Serve deployment class (bound in `build_app`): one Predictor, batched, with the
-    routes of clfsys.http_api. Implements http_api.Backend."""
+    routes of clfsys.http. Implements http.Backend."""
 
     def __init__(self, source, name: str, options: ServeOptions, token_sha256: str | None):
         import ray
@@ -200,13 +200,13 @@ class ModelServer:
         self.predictor.rows(np.zeros((1, *self.input_shape), dtype=np.uint8))
 
     def __serve_build_asgi_app__(self):
-        from clfsys import http_api
+        from clfsys import http
 
-        limits = http_api.Limits(max_body_bytes=int(self.options.max_body_mb * 1024 * 1024))
-        self._api = http_api.build_api(self, limits, self.token_sha256, self.metrics)
+        limits = http.Limits(max_body_bytes=int(self.options.max_body_mb * 1024 * 1024))
+        self._api = http.build_api(self, limits, self.token_sha256, self.metrics)
         if self.options.route_prefix != "/":
             return self._api
-        return http_api.NameRouter(self._api, self.name, self.forward, limits)
+        return http.NameRouter(self._api, self.name, self.forward, limits)
 
     async def forward(self, name: str, request: dict[str, Any]):
         """A request for model `name`, answered by that application's replicas (None when no
@@ -229,7 +229,7 @@ class ModelServer:
             self._handles.pop(name, None)
             logging.getLogger("ray.serve").exception("model %r did not answer a forwarded "
                                                      "request", name)
-            from clfsys.http_api import Forwarded
+            from clfsys.http import Forwarded
 
             body = json.dumps({"error": f"model {name!r} did not answer: "
                                f"{type(exc).__name__}: {str(exc)[:200]}"}).encode()
@@ -237,7 +237,7 @@ class ModelServer:
 
     async def answer_forwarded(self, request: dict[str, Any]):
         """Called by the root application's `forward`: the request through this app's routes."""
-        from clfsys.http_api import call_asgi
+        from clfsys.http import call_asgi
 
         return await call_asgi(self._api, request)
 
@@ -275,7 +275,7 @@ def build_app(model: str | Path, options: ServeOptions | None = None,
     """The Serve application for a bundle at a local path or URI (not started)."""
     from ray import serve
 
-    from clfsys import bundle, http_api
+    from clfsys import bundle, http
 
     options = options or ServeOptions()
     options.check()
@@ -298,7 +298,7 @@ def build_app(model: str | Path, options: ServeOptions | None = None,
     else:
         config["num_replicas"] = options.replicas
     deployment = serve.deployment(**config)(serve.ingress()(ModelServer))
-    digest = http_api.token_digest(token) if token else None
+    digest = http.token_digest(token) if token else None
     return deployment.bind(bundle.portable(found), options.name, options, digest)
 
 

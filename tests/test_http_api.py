@@ -1,4 +1,4 @@
-"""The HTTP surface without Ray: clfsys.http_api on a real uvicorn server on 127.0.0.1, with a
+"""The HTTP surface without Ray: clfsys.http on a real uvicorn server on 127.0.0.1, with a
 Predictor in-process (DirectBackend), driven by real clients: requests, and the Open Inference
 Protocol's own client (tritonclient)."""
 
@@ -54,7 +54,7 @@ def predictor(trained_bundle):
 
 @pytest.fixture(scope="module")
 def api(predictor):
-    from clfsys.http_api import DirectBackend, Limits, build_api, token_digest
+    from clfsys.http import DirectBackend, Limits, build_api, token_digest
 
     limits = Limits(max_body_bytes=1024 * 1024)
     open_server = Uvicorn(build_api(DirectBackend(predictor), limits))
@@ -269,7 +269,7 @@ def test_the_root_app_routes_standard_protocols_to_other_models_by_name(predicto
     model's own auth applies, and a name nobody serves is the root model's 404."""
     import tritonclient.http as triton
 
-    from clfsys import http_api as h
+    from clfsys import http as h
 
     limits = h.Limits(max_body_bytes=1024 * 1024)
     secure = h.build_api(h.DirectBackend(predictor, name="secure"), limits,
