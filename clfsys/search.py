@@ -237,6 +237,7 @@ def _domain(param: Param):
 def _scheduler(cfg: Config, out: str):
     from ray.tune.schedulers import FIFOScheduler
 
+    from clfsys.raykit import free_cpus_per_node
     from clfsys.scheduler import STATE_FILE, PromotingASHA, RecordingASHA
 
     t = cfg.tune
@@ -247,17 +248,9 @@ def _scheduler(cfg: Config, out: str):
         return PromotingASHA(metric="best_val_accuracy", mode="max", time_attr="epoch",
                              max_t=t.max_epochs, grace_period=t.grace_period,
                              reduction_factor=t.reduction_factor, state_file=state_file,
-                             max_concurrent=t.max_concurrent_trials, node_room=_free_cpus)
+                             max_concurrent=t.max_concurrent_trials, node_room=free_cpus_per_node)
     return RecordingASHA(time_attr="epoch", max_t=t.max_epochs, grace_period=t.grace_period,
                          reduction_factor=t.reduction_factor, state_file=state_file)
-
-
-def _free_cpus() -> dict[str, float]:
-    """Node id -> CPUs free there now (Ray has no public per-node view of free resources)."""
-    from ray._private.state import available_resources_per_node
-
-    return {node: float(free.get("CPU", 0.0))
-            for node, free in available_resources_per_node().items()}
 
 
 def _searcher(cfg: Config):

@@ -68,3 +68,33 @@ def test_a_result_grid_reaches_its_trials_and_their_failures():
     assert isinstance(Trial.pickled_error_file, property), "Trial.pickled_error_file is gone"
     assert "cloudpickle.dump(exc" in inspect.getsource(Trial.handle_error), \
         "Tune no longer pickles a trial's last exception"
+
+
+def test_per_node_free_resources_tunes_view_and_the_haproxy_binary_are_reachable():
+    from ray._private import state
+    from ray.serve._private import haproxy
+    from ray.tune.execution.tune_controller import TuneController
+
+    assert callable(getattr(state, "available_resources_per_node", None)), \
+        "ray._private.state.available_resources_per_node is gone"
+    source = inspect.getsource(TuneController.__init__)
+    assert "self._resource_updater = " in source, "TuneController._resource_updater is gone"
+    updater = source.split("self._resource_updater = ")[1].split("(")[0].strip()
+    from ray.tune.execution import tune_controller
+
+    kind = getattr(tune_controller, updater)
+    for name in ("get_num_cpus", "get_num_gpus"):
+        assert callable(getattr(kind, name, None)), f"{updater}.{name} is gone"
+    assert callable(getattr(haproxy, "_resolve_haproxy_binary", None)), \
+        "ray.serve._private.haproxy._resolve_haproxy_binary is gone"
+    found = raykit.haproxy_binary()
+    assert found is None or found.endswith("haproxy")
+
+
+def test_a_deferred_ingress_app_is_public():
+    """clfsys.serve builds its app at replica start through `__serve_build_asgi_app__`, which
+    `serve.ingress()` documents for a class given no app: public, so not in raykit."""
+    from ray import serve
+
+    assert "__serve_build_asgi_app__" in (serve.ingress.__doc__ or ""), \
+        "serve.ingress no longer documents __serve_build_asgi_app__"
