@@ -225,7 +225,7 @@ def writer_capacity(location: str, rows: int = 200_000, block: int = 2048) -> fl
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from clfsys import label, storage
+    from clfsys import label, label_output, storage
 
     classes = [f"class_{i}" for i in range(10)]
     table = pa.Table.from_pylist([{
@@ -234,8 +234,8 @@ def writer_capacity(location: str, rows: int = 200_000, block: int = 2048) -> fl
         "top_k": [{"label": classes[(i + k) % 10], "score": 0.9 / (k + 1)} for k in range(3)],
         "needs_review": False, "error": None, "model_id": "0123456789abcdef",
         "read_error": None} for i in range(block)], schema=label._pipeline_schema())
-    columns = label.schema().names
-    writer = label._Writer(location)
+    columns = label_output.schema().names
+    writer = label_output.Writer(location)
     storage.make_dirs(location)
     started = time.perf_counter()
     for _ in range(rows // block):

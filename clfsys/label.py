@@ -16,20 +16,16 @@ through Ray, so they run on any node. The driver writes every Parquet file itsel
 
 from __future__ import annotations
 
-import io
-import json
 import sys
 import time
-import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from clfsys import bundle, images, storage
-from clfsys.errors import DataError, IncompleteError
+from clfsys import bundle, images, label_output, storage
+from clfsys.errors import DataError
 
 BATCHES_PER_BLOCK = 8
 """Input blocks (paths) hold at most this many batches: fewer, larger decode tasks..."""
@@ -82,7 +78,7 @@ class ReadBreaker:
             self.in_a_row = 0
         elif not failure.not_found:  # a missing file says nothing about the storage
             self.in_a_row += 1
-            self.last = _reason(str(failure))
+            self.last = label_output.reason(str(failure))
             self.window = 1
 
     def widen(self) -> None:
@@ -92,11 +88,6 @@ class ReadBreaker:
 
 
 _breaker = ReadBreaker()
-SUMMARY_FILE = "_summary.json"
-UNREAD_FILE = "_unread.json"
-REPORT_FILE = "_report.html"
-
-
 def read_files(paths: list[str], breaker: ReadBreaker) -> Iterator[bytes | str]:
     """Each file's bytes in turn, or why it was not read (after READ_ATTEMPTS with backoff, or
     not tried while `breaker` is open); from an object store `breaker.window` at a time (at
@@ -196,75 +187,10 @@ class LabelActor:
         }, schema=_pipeline_schema())
 
 
-def schema():
-    """The output table's Arrow schema (fixed, so every Parquet file agrees)."""
-    import pyarrow as pa
-
-    return pa.schema([
-        ("path", pa.string()), ("label", pa.string()), ("label_index", pa.int64()),
-        ("confidence", pa.float64()),
-        ("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
-        ("needs_review", pa.bool_()), ("error", pa.string()), ("model_id", pa.string()),
-    ])
-
-
 def _pipeline_schema():
     import pyarrow as pa
 
-    return schema().append(pa.field("read_error", pa.string()))
-
-
-# --- the output location ---------------------------------------------------------------------
-
-
-def output_files(output: str) -> list[str]:
-    """The Parquet files of an output dataset (report files start with '_' and are skipped)."""
-    return [f for f in storage.list_files(output, recursive=True)
-            if f.endswith(".parquet") and not storage.name(f).startswith(("_", "."))]
-
-
-def read_output(output: str, columns: list[str]):
-    """Columns of every row in the output, read back from its location (a pyarrow Table)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = []
-    for file in output_files(output):
-        fs, path = storage.resolve(file)
-        try:
-            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
-        except OSError as exc:
-            if "Parquet" in str(exc) or "magic" in str(exc):
-                raise DataError(f"{file} is not a readable Parquet file ({exc}); remove it "
-                                "and run again with --resume") from None
-            raise storage.StorageError(f"{file}: cannot read: {exc}") from None
-    if not tables:
-        return pa.table({c: pa.array([], type=schema().field(c).type) for c in columns})
-    return pa.concat_tables(tables)
-
-
-class _Writer:
-    """Writes each block of rows to `output` as one Parquet file of its own run, atomically
-    (blocks hold at most BATCHES_PER_BLOCK batches, so a killed run loses little)."""
-
-    def __init__(self, output: str):
-        self.output = output
-        self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        self.written = 0
-        self.files = 0
-
-    def write(self, table) -> None:
-        import pyarrow.parquet as pq
-
-        if not table.num_rows:
-            return
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        name = f"part-{self.run}-{self.files:05d}.parquet"
-        storage.retrying(lambda: storage.write_bytes(storage.join(self.output, name),
-                                                     buffer.getvalue()))
-        self.files += 1
-        self.written += table.num_rows
+    return label_output.schema().append(pa.field("read_error", pa.string()))
 
 
 @dataclass
@@ -305,14 +231,15 @@ def run_label(model: str, inputs: list[str], output: str, *, resume: bool = Fals
     out = storage.normalize(output)
     if storage.is_file(out):
         raise DataError(f"--output {output} exists and is not a directory")
-    existing = output_files(out)
+    existing = label_output.output_files(out)
     if existing and not resume:
         raise DataError(f"--output {output} already holds {len(existing)} Parquet files; pass "
                         "--resume to label only the files not yet in it, or choose a new folder")
     done: set[str] = set()
     if existing:
-        previous = read_output(out, ["path", "model_id"])
-        _check_same_model(output, set(previous.column("model_id").to_pylist()), found.model_id)
+        previous = label_output.read_output(out, ["path", "model_id"])
+        label_output.check_same_model(output, set(previous.column("model_id").to_pylist()),
+                                      found.model_id)
         done = set(previous.column("path").to_pylist())
     paths = list_inputs(inputs)
     todo = [p for p in paths if p not in done]
@@ -326,15 +253,7 @@ def run_label(model: str, inputs: list[str], output: str, *, resume: bool = Fals
         storage.make_dirs(out)
         failure = _label(todo, found, options, out, unread)
     wall = time.perf_counter() - started
-    return _finish(out, paths, wall, len(todo), unread, failure, found)
-
-
-def _check_same_model(output: str, ids: set[str], model_id: str) -> None:
-    others = sorted(i for i in ids if i and i != model_id)
-    if others:
-        raise DataError(f"--output {output} holds labels of model_id {others[0]}, this run's "
-                        f"model is {model_id}; resume with the same model or choose a new "
-                        "output, so two models' labels are never mixed")
+    return label_output.finish(out, paths, wall, len(todo), unread, failure, found)
 
 
 def _label(todo: list[str], found: bundle.Bundle, options: LabelOptions, out: str,
@@ -342,8 +261,8 @@ def _label(todo: list[str], found: bundle.Bundle, options: LabelOptions, out: st
     """Run the pipeline, writing rows as they come; returns why it stopped early, if it did."""
     import pyarrow.compute as pc
 
-    writer = _Writer(out)
-    columns = schema().names
+    writer = label_output.Writer(out)
+    columns = label_output.schema().names
     last_report = time.monotonic()
     seen = 0
     failure = None
@@ -422,88 +341,3 @@ def num_blocks(files: int, batch_size: int, cpus: float) -> int:
     return max(1, by_size, spread)
 
 
-# --- the end: count what is really there -----------------------------------------------------
-
-
-def _finish(out: str, paths: list[str], wall_s: float, processed: int, unread: dict[str, str],
-            failure: str | None, found: bundle.Bundle) -> dict[str, Any]:
-    rate = processed / wall_s if wall_s > 0 else 0.0
-    try:
-        table = read_output(out, ["path", "label", "confidence", "error", "needs_review"])
-    except storage.StorageError as exc:
-        result = {"output": out, "files": len(paths), "unread": len(unread),
-                  "wall_s": round(wall_s, 1), "ok": False}
-        raise IncompleteError(f"{failure + '; ' if failure else ''}cannot read the output back "
-                              f"({exc}); run again with --resume when storage is back",
-                              result) from None
-    rows = table.to_pandas()
-    summary = summarize(rows, paths)
-    summary.update({"output": out, "model_id": found.model_id, "unread": len(unread),
-                    "files_per_s": round(rate, 1), "wall_s": round(wall_s, 1)})
-    problems = []
-    if unread:
-        reasons = Counter(_reason(r) for r in unread.values()).most_common(3)
-        problems.append(f"{len(unread)} files could not be read ("
-                        + "; ".join(f"{n}x {r}" for r, n in reasons) + ")")
-    missing_other = summary["missing"] - len(unread)
-    if missing_other > 0:
-        problems.append(f"{missing_other} files have no row in {out}"
-                        + (f" ({failure})" if failure else ""))
-    if summary["duplicates"]:
-        problems.append(f"{summary['duplicates']} files have more than one row (two runs "
-                        "wrote to this output at once?)")
-    summary["ok"] = not problems
-    print(f"\n== labelled {summary['labelled']} of {len(paths)} files; errors: "
-          f"{summary['errors'] or 'none'}; needs review: {summary['needs_review']}; unread: "
-          f"{len(unread)}; {processed} files in {wall_s:.1f} s ({rate:.0f} files/s); "
-          f"output: {out}", file=sys.stderr)
-    _write_reports(out, summary, unread, rows, found)
-    if problems:
-        raise IncompleteError("; ".join(problems) + f"; unread files are listed in "
-                              f"{storage.join(out, UNREAD_FILE)}; `--resume` labels exactly "
-                              "the files missing from the output", summary)
-    return summary
-
-
-def _reason(message: str) -> str:
-    """A read failure without its file name, to group them."""
-    return message.split(": ", 1)[-1][:120]
-
-
-def summarize(rows, paths: list[str]) -> dict[str, Any]:
-    """Counts of the output rows (a DataFrame read back from storage) that belong to `paths`."""
-    frame = rows[rows["path"].isin(set(paths))]
-    errors = Counter(str(e).split(":")[0] for e in frame["error"].dropna())
-    labelled = frame[frame["error"].isna()]
-    return {"files": len(paths), "rows": int(len(frame)), "labelled": int(len(labelled)),
-            "errors": dict(errors),
-            "needs_review": int(frame["needs_review"].fillna(False).astype(bool).sum()),
-            "missing": len(set(paths) - set(frame["path"])),
-            "duplicates": int(frame["path"].duplicated().sum()),
-            "per_class": {str(k): int(v) for k, v in
-                          labelled["label"].value_counts().sort_index().items()}}
-
-
-def _write_reports(out: str, summary: dict[str, Any], unread: dict[str, str], rows,
-                   found: bundle.Bundle) -> None:
-    """_summary.json, _unread.json and _report.html next to the Parquet files."""
-    from clfsys import report
-
-    try:
-        storage.write_text(storage.join(out, SUMMARY_FILE), json.dumps(summary, indent=1))
-        if unread:
-            storage.write_text(storage.join(out, UNREAD_FILE), json.dumps(unread, indent=1))
-        else:
-            storage.delete(storage.join(out, UNREAD_FILE))
-        page = report.label_report(summary, rows, _thumbnail, found.class_names)
-        storage.write_text(storage.join(out, REPORT_FILE), page)
-        print(f"report: {storage.join(out, REPORT_FILE)}", file=sys.stderr)
-    except storage.StorageError as exc:
-        print(f"clfsys: could not write the report files: {exc}", file=sys.stderr)
-
-
-def _thumbnail(path: str) -> np.ndarray | None:
-    try:
-        return images.decode(storage.read_bytes(path), (96, 96), "rgb")
-    except (storage.StorageError, images.ImageError):
-        return None

@@ -66,9 +66,9 @@ def write_pngs(root: Path, count: int, seed: int = 0) -> list[Path]:
 
 
 def output_paths(output: str) -> list[str]:
-    from clfsys import label
+    from clfsys import label_output
 
-    return label.read_output(output, ["path"]).column("path").to_pylist()
+    return label_output.read_output(output, ["path"]).column("path").to_pylist()
 
 
 PROBE = """
@@ -135,12 +135,12 @@ def test_label_s3_inputs_into_s3_output_every_file_once(cluster, s3, trained_bun
 
 
 def wait_for_rows(output: str, timeout_s: float = 300) -> None:
-    from clfsys import label
+    from clfsys import label_output
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if label.output_files(output):
+            if label_output.output_files(output):
                 return
         except Exception:
             pass

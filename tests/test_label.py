@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, needs_fashion_mnist
 from PIL import Image
 
-from clfsys import label, report
+from clfsys import label, label_output, report
 from clfsys.errors import BundleError, DataError, IncompleteError
 
 pytestmark = pytest.mark.slow
@@ -134,9 +134,9 @@ def test_every_file_gets_exactly_one_row_with_the_right_error(fmnist_bundle, tmp
     assert summary["errors"] == {"empty file": 1, "not an image": 1, "truncated": 1,
                                  "too many pixels": 1}
     assert "labelled 11 of 15 files" in capsys.readouterr().err
-    written = json.loads((out / label.SUMMARY_FILE).read_text())
+    written = json.loads((out / label_output.SUMMARY_FILE).read_text())
     assert written["labelled"] == 11 and sum(written["per_class"].values()) == 11
-    page = (out / label.REPORT_FILE).read_text()
+    page = (out / label_output.REPORT_FILE).read_text()
     assert "least confident images" in page and page.count("data:image/png;base64") == 3
 
 
@@ -154,7 +154,7 @@ def test_a_file_that_cannot_be_read_is_no_row_and_the_run_is_incomplete(fmnist_b
     assert (result["labelled"], result["unread"], result["missing"], result["ok"]) == \
         (3, 1, 1, False)
     assert {Path(r["path"]).name for r in read_rows(out)} == {"0.png", "1.png", "2.png"}
-    unread = json.loads((out / label.UNREAD_FILE).read_text())
+    unread = json.loads((out / label_output.UNREAD_FILE).read_text())
     assert list(unread) == [str(root / "dangling.png")] and "no such file" in unread[
         str(root / "dangling.png")]
     # --resume tries exactly the unread file again; now it is there.
@@ -162,7 +162,7 @@ def test_a_file_that_cannot_be_read_is_no_row_and_the_run_is_incomplete(fmnist_b
     (root / "dangling.png").write_bytes(png(np.zeros((28, 28), dtype=np.uint8)))
     summary = label.run_label(str(fmnist_bundle), [str(root)], str(out), resume=True)
     assert summary["ok"] and summary["labelled"] == 4 and summary["rows"] == 4
-    assert not (out / label.UNREAD_FILE).exists()
+    assert not (out / label_output.UNREAD_FILE).exists()
 
 
 def test_missing_files_do_not_stop_the_reading_of_others(tmp_path):
@@ -232,7 +232,7 @@ def test_parquet_schema_and_readers(fmnist_bundle, tmp_path):
     (root / "bad.png").write_bytes(b"")
     out = tmp_path / "labels"
     label.run_label(str(fmnist_bundle), [str(root / "*.png")], str(out))
-    assert pq.read_schema(next(out.glob("*.parquet"))) == label.schema()
+    assert pq.read_schema(next(out.glob("*.parquet"))) == label_output.schema()
     frame = pd.read_parquet(out)  # the report files start with '_': readers skip them
     assert list(frame.columns) == ["path", "label", "label_index", "confidence", "top_k",
                                    "needs_review", "error", "model_id"]
@@ -359,7 +359,7 @@ def test_s3_to_s3_through_a_delay_reads_many_files_at_once_and_labels_each_once(
     finally:
         proxy.stop()
     assert done.returncode == 0, done.stderr[-3000:]
-    paths = label.read_output(output, ["path"]).column("path").to_pylist()
+    paths = label_output.read_output(output, ["path"]).column("path").to_pylist()
     assert sorted(paths) == sorted(storage.join(inputs, n) for n in names)
     # More GETs at once than decode tasks can run at once: each task had several in flight.
     tasks = int(os.cpu_count() / label.TASK_CPUS)
