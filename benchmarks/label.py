@@ -46,17 +46,10 @@ DELAY_MS = 10
 
 
 def session_rss(sid: int) -> int:
-    total = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:
-                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+    from clfsys.processes import in_sessions, stat
+
+    pages = sum(int(fields[21]) for pid in in_sessions(sid) if len(fields := stat(pid)) > 21)
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def warm_page_cache(files: list[str]) -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clfsys.processes import titled
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -56,18 +58,6 @@ def anon_mb(pids: list[int]) -> float:
         except (OSError, AttributeError):
             continue
     return total / 1e3
-
-
-def titled(prefix: bytes) -> list[int]:
-    """Processes whose title (Ray names its workers ray::...) starts with `prefix`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(prefix):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 def flatness(values: list[float]) -> float:

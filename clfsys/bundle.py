@@ -34,7 +34,7 @@ import numpy as np
 
 from clfsys import storage
 from clfsys.config import RESIZE_MODES
-from clfsys.errors import BundleError
+from clfsys.errors import BundleError, first_line
 
 FORMAT = "clfsys-bundle"
 FORMAT_VERSION = 1
@@ -160,9 +160,8 @@ class Bundle:
         try:
             model = keras.saving.load_model(file, compile=False, safe_mode=True)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"{file}: cannot load the model (corrupt or unsafe): "
-                              f"{first[:300]}") from None
+                              f"{first_line(exc)}") from None
         found = content_hash(model, self.class_names, self.input_shape, self.color_mode,
                              self.resize)
         if found != self.model_id:
@@ -220,8 +219,7 @@ def _check_metadata(text: str, location: str) -> dict[str, Any]:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "clfsys" / "bundles"
+    return storage.cache_dir("bundles")
 
 
 def _load_remote(uri: str) -> Bundle:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from clfsys import storage
+from clfsys.errors import first_line
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -52,7 +53,7 @@ class Shards:
         except (ValueError, EOFError, OSError) as exc:  # numpy names no file: say which
             raise storage.StorageError(
                 f"{self.shard(i)}: not a whole shard ({len(data):,} bytes: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); delete the "
+                f"{first_line(exc)}); delete the "
                 f"cache folder {self.location} to decode the images again") from None
         if array.shape != (self.counts[i], *self.shape) or array.dtype != np.uint8:
             raise storage.StorageError(f"{self.shard(i)}: holds {array.dtype} {array.shape}, "

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from clfsys.errors import ConfigError
+from clfsys.errors import ConfigError, first_line
 
 DATASETS = ("fashion_mnist", "csv", "folder")
 COLOR_MODES = ("grayscale", "rgb")
@@ -484,8 +484,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0]
-            raise ConfigError(f"{path}: not valid YAML: {first}") from None
+            raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a mapping of sections")
     for text in overrides:

@@ -10,7 +10,6 @@ splits asked for are decoded.
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -381,8 +380,7 @@ def _load_folder(cfg: DataConfig, test_only: bool, cache_root: str | None) -> Da
 
 
 def default_cache_root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "clfsys", "decoded")
+    return str(storage.cache_dir("decoded"))
 
 
 def _image_bytes(cfg: DataConfig) -> int:

@@ -1,6 +1,13 @@
 """The user-facing error family: the CLI prints these as one line and exits with code 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception in one line for a message: its text's first line (at most 300 characters),
+    or its type's name when it has no text."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 class ClfsysError(Exception):
     """A mistake the user can fix (bad config, missing data, foreign bundle)."""
 

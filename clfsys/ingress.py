@@ -43,10 +43,14 @@ def haproxy_binary() -> str | None:
     return resolve()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", below: int = 65536) -> int:
+    """A port free now on `host` (below `below`)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port < below:
+            return port
 
 
 def port_is_free(port: int) -> bool:
@@ -110,18 +114,9 @@ def running_ingress() -> str | None:
 
 def haproxy_pids(run_dir: Path) -> list[int]:
     """HAProxy processes running with a configuration under `run_dir`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if Path(args[0].decode(errors="replace")).name == "haproxy" and any(
-                str(run_dir).encode() in a for a in args):
-            pids.append(int(proc.name))
-    return pids
+    from clfsys.processes import running
+
+    return running("haproxy", str(run_dir))
 
 
 def stop_haproxy(run_dir: Path, grace_s: float = 5.0) -> list[int]:

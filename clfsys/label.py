@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from clfsys import bundle, images, label_output, storage
-from clfsys.errors import DataError
+from clfsys.errors import DataError, first_line
 
 BATCHES_PER_BLOCK = 8
 """Input blocks (paths) hold at most this many batches: fewer, larger decode tasks..."""
@@ -286,8 +286,7 @@ def _label(todo: list[str], found: bundle.Bundle, options: LabelOptions, out: st
     except storage.StorageError as exc:
         failure = f"cannot write to {out}: {exc}"
     except Exception as exc:  # a lost node or actor past Ray's retries: keep what came back
-        text = str(exc).strip().splitlines()
-        failure = f"the pipeline failed: {type(exc).__name__}: {text[0] if text else ''}"[:500]
+        failure = f"the pipeline failed: {type(exc).__name__}: {first_line(exc)}"
     if failure:
         print(f"clfsys: {failure}", file=sys.stderr)
     return failure

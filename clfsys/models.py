@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clfsys.config import ModelConfig
-from clfsys.errors import ConfigError
+from clfsys.errors import ConfigError, first_line
 
 PARAMS = ("units", "filters", "kernel_size", "dense", "dropout", "dense_dropout", "weights",
           "fine_tune_layers")
@@ -178,7 +178,7 @@ def _backbone(application: str, weights: str, shape: tuple[int, int, int], prepr
             raise
         raise ConfigError(
             f"model.weights=imagenet: cannot get the ImageNet weights of {application} "
-            f"({_first_line(exc)}); on a cluster without internet, run `python -c "
+            f"({first_line(exc)}); on a cluster without internet, run `python -c "
             f"\"import keras; keras.applications.{application}(include_top=False)\"` where "
             "there is, copy ~/.keras/models/ to every node, or set model.weights to a "
             ".weights.h5 file (path or URI)") from None
@@ -206,7 +206,7 @@ def _load_weights(backbone, location: str, application: str) -> None:
             backbone.load_weights(file)
         except Exception as exc:
             raise ConfigError(f"model.weights: {location} does not fit the {application} "
-                              f"backbone ({_first_line(exc)})") from None
+                              f"backbone ({first_line(exc)})") from None
 
 
 def _raised_in(exc: BaseException, function: str) -> bool:
@@ -215,11 +215,6 @@ def _raised_in(exc: BaseException, function: str) -> bool:
     import traceback
 
     return any(frame.name == function for frame in traceback.extract_tb(exc.__traceback__))
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 _BACKBONE_DEFAULTS = {"weights": "imagenet", "dropout": 0.2, "fine_tune_layers": 30}

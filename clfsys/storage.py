@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from clfsys.errors import ClfsysError
+from clfsys.errors import ClfsysError, first_line
 
 T = TypeVar("T")
 GLOB_CHARS = "*?["
@@ -90,7 +90,7 @@ def resolve(location: str | Path):
     try:
         fs, base = _filesystem(f"{authority}/{query}")
     except (OSError, ValueError) as exc:
-        raise StorageError(f"{text}: cannot open storage: {_first_line(exc)}") from None
+        raise StorageError(f"{text}: cannot open storage: {first_line(exc)}") from None
     return fs, f"{base}/{path}".strip("/") if base else path
 
 
@@ -112,9 +112,10 @@ def name(location: str | Path) -> str:
     return os.path.basename(text)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+def cache_dir(name: str) -> Path:
+    """This machine's cache folder `name` for clfsys (under $XDG_CACHE_HOME or ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clfsys" / name
 
 
 def _info(location: str | Path):
@@ -122,7 +123,7 @@ def _info(location: str | Path):
     try:
         return fs.get_file_info(path)
     except OSError as exc:
-        raise StorageError(f"{normalize(location)}: {_first_line(exc)}") from None
+        raise StorageError(f"{normalize(location)}: {first_line(exc)}") from None
 
 
 def exists(location: str | Path) -> bool:
@@ -169,7 +170,7 @@ def list_files(location: str | Path, recursive: bool = True) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive,
                                                    allow_not_found=True))
     except OSError as exc:
-        raise StorageError(f"{text}: cannot list: {_first_line(exc)}") from None
+        raise StorageError(f"{text}: cannot list: {first_line(exc)}") from None
     return sorted(_to_location(text, i.path) for i in infos if i.type == pafs.FileType.File)
 
 
@@ -182,7 +183,7 @@ def list_dirs(location: str | Path) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     except OSError as exc:
-        raise StorageError(f"{text}: cannot list: {_first_line(exc)}") from None
+        raise StorageError(f"{text}: cannot list: {first_line(exc)}") from None
     return sorted(_to_location(text, i.path) for i in infos
                   if i.type == pafs.FileType.Directory)
 
@@ -249,7 +250,7 @@ def read_bytes(location: str | Path) -> bytes:
         except FileNotFoundError:
             raise StorageError(f"{text}: no such file", not_found=True) from None
         except OSError as exc:
-            raise StorageError(f"{text}: {exc.strerror or _first_line(exc)}") from None
+            raise StorageError(f"{text}: {exc.strerror or first_line(exc)}") from None
     target = _object_store(text)
     if target is not None:  # one GET, where pyarrow's stream would ask for the size first
         outcome = _on_loop(_get(text, *target, attempts=1, first_wait_s=0))
@@ -263,7 +264,7 @@ def read_bytes(location: str | Path) -> bytes:
     except FileNotFoundError:
         raise StorageError(f"{text}: no such file", not_found=True) from None
     except OSError as exc:
-        raise StorageError(f"{text}: {_first_line(exc)}") from None
+        raise StorageError(f"{text}: {first_line(exc)}") from None
 
 
 def read_many(locations: list[str], *, attempts: int = 4,
@@ -375,7 +376,7 @@ def _object_store_reason(exc: BaseException) -> str:
     """obstore's first line without the request's URL and timing (so that failures group),
     and the operating system's words for the cause, which only its debug dump holds."""
     text = str(exc)
-    first = re.sub(r"Error performing \w+ \S+ in \S+ - ", "", _first_line(exc))
+    first = re.sub(r"Error performing \w+ \S+ in \S+ - ", "", first_line(exc))
     cause = re.findall(r'message: "([^"]+)"', text)
     return f"{first} ({cause[-1]})" if cause else first
 
@@ -421,7 +422,7 @@ def write_bytes(location: str | Path, data: bytes) -> None:
         with fs.open_output_stream(path) as handle:
             handle.write(data)
     except OSError as exc:
-        raise StorageError(f"{text}: cannot write: {_first_line(exc)}") from None
+        raise StorageError(f"{text}: cannot write: {first_line(exc)}") from None
 
 
 def write_text(location: str | Path, text: str) -> None:
@@ -434,7 +435,7 @@ def make_dirs(location: str | Path) -> None:
     try:
         fs.create_dir(path, recursive=True)
     except OSError as exc:
-        raise StorageError(f"{text}: cannot create: {_first_line(exc)}") from None
+        raise StorageError(f"{text}: cannot create: {first_line(exc)}") from None
 
 
 def delete(location: str | Path) -> None:
@@ -447,7 +448,7 @@ def delete(location: str | Path) -> None:
         pass
     except OSError as exc:
         if exists(text):
-            raise StorageError(f"{text}: cannot delete: {_first_line(exc)}") from None
+            raise StorageError(f"{text}: cannot delete: {first_line(exc)}") from None
 
 
 def copy_tree(source: str | Path, destination: str | Path) -> None:
@@ -462,7 +463,7 @@ def copy_tree(source: str | Path, destination: str | Path) -> None:
         pafs.copy_files(src_path, dst_path, source_filesystem=src_fs,
                         destination_filesystem=dst_fs)
     except OSError as exc:
-        raise StorageError(f"cannot copy {src} to {dst}: {_first_line(exc)}") from None
+        raise StorageError(f"cannot copy {src} to {dst}: {first_line(exc)}") from None
 
 
 def retrying(action: Callable[[], T], *, attempts: int = 4, first_wait_s: float = 0.25) -> T:

@@ -16,12 +16,13 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from clfsys.ingress import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ)
@@ -37,12 +38,6 @@ def run(*args: str) -> dict:
     line = done.stdout.strip().splitlines()[-1]
     print(line, flush=True)
     return json.loads(line)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_and_ask(bundle: str, folder: Path, count: int, *extra: str) -> list[dict]:

@@ -134,12 +134,6 @@ def trained_bundle(tmp_path_factory) -> Path:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def needs_fashion_mnist():

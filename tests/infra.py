@@ -25,16 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from clfsys.ingress import free_port
+from clfsys.processes import in_sessions
+
 BIN = Path(sys.executable).parent
-
-
-def free_port(below: int = 65536) -> int:
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port < below:
-            return port
 
 
 def _port_pair() -> int:
@@ -51,18 +45,11 @@ def _port_pair() -> int:
 
 def kill_sessions(*sids: int) -> None:
     """SIGKILL every process in these sessions (Ray's daemons stay in their starter's)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in in_sessions(*sids):
         try:
-            sid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
-        except (OSError, ValueError, IndexError):
-            continue
-        if sid in sids:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                pass
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 class S3Server:

@@ -391,9 +391,9 @@ def healthz_nodes(url: str, expected: set[str], timeout_s: float = 120) -> set[s
 def test_serve_a_bundle_on_s3_with_a_replica_on_each_node(cluster, s3, trained_bundle,
                                                           tmp_path):
     import requests
-    from conftest import free_port
 
     from clfsys import storage
+    from clfsys.ingress import free_port
 
     storage.copy_tree(trained_bundle, s3.uri("bundles", "served"))
     port = free_port()

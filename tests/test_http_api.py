@@ -10,9 +10,11 @@ import time
 import numpy as np
 import pytest
 import requests
-from conftest import free_port, pattern_image
+from conftest import pattern_image
 from PIL import Image
 from test_label import huge_png_header
+
+from clfsys.ingress import free_port
 
 TOKEN = "correct horse battery staple"
 

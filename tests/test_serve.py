@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import ROOT, folder_config, free_port, pattern_image, write_folder
+from conftest import ROOT, folder_config, pattern_image, write_folder
 from infra import Command, clfsys_serve, kill_sessions
 from PIL import Image
 from test_label import huge_png_header
+
+from clfsys.ingress import free_port
+from clfsys.processes import in_sessions, titled
 
 pytestmark = pytest.mark.slow
 TOKEN = "correct horse battery staple"
@@ -54,18 +57,6 @@ def listening(pid: int) -> set[str]:
             host = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
             found.add(f"{host}:{int(port, 16)}")
     return found
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and int(
-                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                pids.append(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return pids
 
 
 @dataclass
@@ -428,15 +419,7 @@ def test_swapping_the_model_under_load_fails_no_request(endpoint, trained_bundle
 
 def test_a_killed_replica_is_replaced(endpoint):
     def replica_pids():  # Ray titles a replica's process ray::ServeReplica:<app>:<deployment>
-        pids = set()
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(
-                        b"ray::ServeReplica:clfsys:"):
-                    pids.add(int(proc.name))
-            except OSError:
-                continue
-        return pids
+        return set(titled(b"ray::ServeReplica:clfsys:"))
 
     (old,) = replica_pids()
     os.kill(old, signal.SIGKILL)
@@ -498,9 +481,9 @@ def test_sigterm_drains_removes_its_app_and_leaves_no_process(endpoint):
     with pytest.raises(requests.ConnectionError):
         requests.get(endpoint.metrics_url, timeout=10)
     deadline = time.monotonic() + 30
-    while session_pids(sid) and time.monotonic() < deadline:
+    while in_sessions(sid) and time.monotonic() < deadline:
         time.sleep(1)
-    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in session_pids(sid)}
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in in_sessions(sid)}
     assert not left, left
     assert not ingress.haproxy_pids(Path(ingress.RUN_PREFIX)), \
         "an HAProxy of clfsys serve outlived it"

@@ -61,7 +61,7 @@ def test_read_many_returns_each_file_or_why_not_in_order(where, tmp_path, reques
 
 
 def test_read_many_from_unreachable_storage_returns_errors_after_its_attempts(s3):
-    from conftest import free_port
+    from clfsys.ingress import free_port
 
     down = f"s3://{s3.bucket}/k?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
     got = storage.read_many([storage.join(down, "a.png"), storage.join(down, "b.png")],
