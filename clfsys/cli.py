@@ -16,6 +16,7 @@ from contextlib import redirect_stdout
 from typing import Any
 
 from clfsys.errors import ClfsysError, DataError, IncompleteError
+from clfsys.options import add_flags, from_args
 
 
 def _config_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -100,39 +101,20 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
     from clfsys.label import LabelOptions, run_label
 
-    options = LabelOptions(batch_size=args.batch_size, actors=args.actors,
-                           num_gpus=args.num_gpus, top_k=args.top_k,
-                           min_confidence=args.min_confidence,
-                           shared_inputs=args.shared_inputs)
-    return run_label(args.model, args.input, args.output, resume=args.resume, options=options)
+    return run_label(args.model, args.input, args.output, resume=args.resume,
+                     options=from_args(LabelOptions, args))
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from dataclasses import fields
-
     from clfsys.serve import ServeOptions, run_server
 
-    options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
-    return run_server(args.model, options)
-
-
-def _serve_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per ServeOptions field, its default and help taken from the dataclass."""
-    from clfsys.serve import option_fields
-
-    for flag, f in option_fields():
-        kind = f.metadata["type"] or type(f.default)
-        shown = ("on" if f.default else "off") if kind is bool else f.default
-        help = f"{f.metadata['help']} (default: {shown})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help)
-        else:
-            parser.add_argument(flag, type=kind, default=f.default,
-                                metavar=flag[2:].upper(), help=help)
+    return run_server(args.model, from_args(ServeOptions, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clfsys.label import LabelOptions
+    from clfsys.serve import ServeOptions
+
     parser = argparse.ArgumentParser(prog="clfsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -160,15 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory, file or glob (local or s3://, gs://); repeatable")
     p.add_argument("--output", required=True,
                    help="Parquet dataset directory: local (this machine) or a URI")
-    p.add_argument("--shared-inputs", action="store_true",
-                   help="local --input paths are mounted on every node (NFS): decode them on "
-                        "any node instead of this machine's only")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--actors", type=int, default=1, help="Predictor actors")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--min-confidence", type=float, default=0.5,
-                   help="rows below this confidence get needs_review=true")
+    add_flags(p, LabelOptions)
     p.add_argument("--resume", action="store_true",
                    help="label only the files not yet in --output")
     p.set_defaults(func=cmd_label)
@@ -176,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve (until Ctrl-C); "
                        "on a cluster where --name serves, swap its model")
     p.add_argument("--model", required=True, help="bundle directory or URI")
-    _serve_args(p)
+    add_flags(p, ServeOptions)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-images", help="write a dataset split as class folders of PNGs")

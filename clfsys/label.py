@@ -26,6 +26,7 @@ import numpy as np
 
 from clfsys import bundle, images, label_output, storage
 from clfsys.errors import DataError, first_line
+from clfsys.options import flag, option
 
 BATCHES_PER_BLOCK = 8
 """Input blocks (paths) hold at most this many batches: fewer, larger decode tasks..."""
@@ -193,27 +194,27 @@ def _pipeline_schema():
     return label_output.schema().append(pa.field("read_error", pa.string()))
 
 
-@dataclass
+@dataclass(frozen=True)
 class LabelOptions:
-    batch_size: int = 256
-    actors: int = 1
-    num_gpus: float = 0.0
-    top_k: int = 3
-    min_confidence: float = 0.5
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
-    shared_inputs: bool = False
-    """Local input paths are mounted on every node (NFS): decode them anywhere."""
+    """Every `clfsys label` option (--batch-size is batch_size) with its default."""
+
+    shared_inputs: bool = option(False, "local --input paths are mounted on every node (NFS): "
+                                 "decode them on any node instead of this machine's only")
+    batch_size: int = option(256, "images per decode batch and per model call")
+    actors: int = option(1, "Predictor actors")
+    num_gpus: float = option(0.0, "GPUs per actor")
+    top_k: int = option(3, "classes in each row's top_k")
+    min_confidence: float = option(0.5, "rows below this confidence get needs_review=true")
+    max_pixels: int = option(images.DEFAULT_MAX_PIXELS, "an image with more pixels is an error "
+                             "row, not decoded (decompression bombs)")
 
     def check(self) -> None:
-        for name, ok in (("--batch-size", self.batch_size > 0), ("--actors", self.actors > 0),
-                         ("--num-gpus", self.num_gpus >= 0), ("--top-k", self.top_k > 0),
-                         ("--min-confidence", 0 <= self.min_confidence <= 1)):
+        for name, ok in (("batch_size", self.batch_size > 0), ("actors", self.actors > 0),
+                         ("num_gpus", self.num_gpus >= 0), ("top_k", self.top_k > 0),
+                         ("min_confidence", 0 <= self.min_confidence <= 1),
+                         ("max_pixels", self.max_pixels > 0)):
             if not ok:
-                raise DataError(f"{name} has a bad value: {getattr(self, _attr(name))!r}")
-
-
-def _attr(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+                raise DataError(f"{flag(name)} has a bad value: {getattr(self, name)!r}")
 
 
 def run_label(model: str, inputs: list[str], output: str, *, resume: bool = False,

@@ -29,14 +29,14 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from clfsys.errors import ClfsysError, IncompleteError
+from clfsys.options import from_values, option
 
 APP_NAME = "clfsys"
 DEPLOYMENT = "Classifier"
@@ -57,42 +57,38 @@ INLINE_DECODE_BYTES = 16 * 1024
 """Bodies up to this size are decoded on the event loop; larger ones in the decode threads."""
 
 
-def _opt(default: Any, help: str, type: type | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "type": type})
-
-
 @dataclass(frozen=True)
 class ServeOptions:
     """Every `clfsys serve` flag (--max-batch-size is max_batch_size) with its default."""
 
-    name: str = _opt(APP_NAME, "the model's name: the Serve application; names other than the "
+    name: str = option(APP_NAME, "the model's name: the Serve application; names other than the "
                      "default are served under /<name>/ (several models on one cluster)")
-    host: str = _opt("127.0.0.1", "address to bind")
-    port: int = _opt(8000, "HTTP port")
-    ingress: str = _opt("auto", "auto (HAProxy where there is a binary, else Serve's proxy), "
+    host: str = option("127.0.0.1", "address to bind")
+    port: int = option(8000, "HTTP port")
+    ingress: str = option("auto", "auto (HAProxy where there is a binary, else Serve's proxy), "
                         "haproxy or proxy; for the local Ray instance this command starts")
-    metrics_port: int = _opt(8080, "Prometheus metrics of the local Ray instance this command "
+    metrics_port: int = option(8080, "Prometheus metrics of the local Ray instance this command "
                              "starts, at http://HOST:PORT/metrics")
-    replicas: int = _opt(1, "fixed number of replicas")
-    min_replicas: int | None = _opt(None, "autoscaling lower bound", int)
-    max_replicas: int | None = _opt(None, "autoscaling upper bound", int)
-    target_ongoing_requests: float = _opt(16.0, "autoscaling target per replica")
-    max_replicas_per_node: int | None = _opt(None, "spread replicas: at most this many on one "
-                                             "node", int)
-    max_batch_size: int = _opt(32, "largest batch a replica runs")
-    batch_wait_ms: float = _opt(5.0, "longest a batch waits for requests already on their "
+    replicas: int = option(1, "fixed number of replicas")
+    min_replicas: int | None = option(None, "autoscaling lower bound")
+    max_replicas: int | None = option(None, "autoscaling upper bound")
+    target_ongoing_requests: float = option(16.0, "autoscaling target per replica")
+    max_replicas_per_node: int | None = option(None, "spread replicas: at most this many on one "
+                                             "node")
+    max_batch_size: int = option(32, "largest batch a replica runs")
+    batch_wait_ms: float = option(5.0, "longest a batch waits for requests already on their "
                                 "way (a lone request does not wait)")
-    decode_threads: int = _opt(2, "threads per replica decoding images over 16 KiB off the "
+    decode_threads: int = option(2, "threads per replica decoding images over 16 KiB off the "
                                "event loop (0: decode every image on the event loop)")
-    num_cpus: float = _opt(1.0, "CPUs each replica reserves; TensorFlow computes with as "
+    num_cpus: float = option(1.0, "CPUs each replica reserves; TensorFlow computes with as "
                            "many threads (rounded up)")
-    num_gpus: float = _opt(0.0, "GPUs per replica")
-    max_body_mb: float = _opt(10.0, "largest request body")
-    top_k: int = _opt(3, "classes in each answer's top_k")
-    request_timeout_s: float = _opt(30.0, "end-to-end timeout of a request")
-    auth_token_env: str | None = _opt(None, "require 'Authorization: Bearer <token>', the token "
-                                      "read from this environment variable", str)
-    access_log: bool = _opt(False, "write Serve's access log line per request to the replicas' "
+    num_gpus: float = option(0.0, "GPUs per replica")
+    max_body_mb: float = option(10.0, "largest request body")
+    top_k: int = option(3, "classes in each answer's top_k")
+    request_timeout_s: float = option(30.0, "end-to-end timeout of a request")
+    auth_token_env: str | None = option(None, "require 'Authorization: Bearer <token>', the token "
+                                      "read from this environment variable")
+    access_log: bool = option(False, "write Serve's access log line per request to the replicas' "
                             "log files (request counts and latency are in the metrics anyway)")
 
     @property
@@ -123,11 +119,6 @@ class ServeOptions:
             if not ok:
                 value = getattr(self, flag.lstrip("-").replace("-", "_"))
                 raise ClfsysError(f"{flag} has a bad value: {value!r}")
-
-
-def option_fields():
-    """(flag, field) for each ServeOptions field, for the CLI."""
-    return [(f"--{f.name.replace('_', '-')}", f) for f in fields(ServeOptions)]
 
 
 def read_auth_token(env_var: str | None) -> str | None:
@@ -319,15 +310,10 @@ def app_args(args: dict[str, Any]) -> tuple[str, ServeOptions]:
     model = args.pop("model", None)
     if not model:
         raise ClfsysError("app_builder needs args.model: the bundle's URI or directory")
-    known = {f.name for f in fields(ServeOptions)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ClfsysError(f"unknown serve option {unknown[0]!r} (known: {', '.join(known)})")
     # `serve run ... key=value` passes strings; config files pass typed YAML values.
-    options = ServeOptions(**{k: yaml.safe_load(v) if isinstance(v, str) and k not in (
-        "host", "auth_token_env", "name", "ingress") else v for k, v in args.items()})
-    options.check()
-    return model, options
+    found = from_values(ServeOptions, args, "serve option")
+    found.check()
+    return model, found
 
 
 def _log(message: str) -> None:

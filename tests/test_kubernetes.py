@@ -136,9 +136,17 @@ def test_the_rayservice_serve_config_is_generated_from_jobs_serve_yaml():
     assert {k: v for k, v in upgraded["spec"].items() if k != "serveConfigV2"} == {
         k: v for k, v in manifest("serve-rayservice.yaml")["spec"].items()
         if k != "serveConfigV2"}
-    # app_builder's own parser refuses what it would refuse at deploy time.
+    # app_builder's own parser refuses what it would refuse at deploy time; `serve run ...
+    # key=value` strings are typed from ServeOptions' fields, with no list of exceptions.
     with pytest.raises(ClfsysError, match="unknown serve option 'max_replica'"):
         app_args({"model": "s3://b/m", "max_replica": 4})
+    with pytest.raises(ClfsysError, match="serve option max_batch_size: 'many' is not an int"):
+        app_args({"model": "s3://b/m", "max_batch_size": "many"})
+    _, typed = app_args({"model": "s3://b/m", "max_batch_size": "16", "access_log": "true",
+                         "max_replicas_per_node": "none", "host": "0.0.0.0", "name": "1",
+                         "batch_wait_ms": "2.5"})
+    assert (typed.max_batch_size, typed.access_log, typed.max_replicas_per_node, typed.host,
+            typed.name, typed.batch_wait_ms) == (16, True, None, "0.0.0.0", "1", 2.5)
     # The ingress is HAProxy, as on cluster.yaml's nodes, and readiness is /healthz.
     spec = manifest("serve-rayservice.yaml")["spec"]["rayClusterConfig"]
     containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0],
