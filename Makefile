@@ -8,7 +8,7 @@ KERAS_CACHE := $(or $(KERAS_HOME),$(HOME)/.keras)/datasets/fashion-mnist
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-cluster test test-quick bench bench-seeds bench-search bench-label bench-serve bench-data bench-soak lint lock seed-data clean
+.PHONY: demo demo-cluster test test-quick bench bench-seeds bench-search bench-label bench-serve bench-data bench-soak gpu-check lint lock seed-data clean
 
 # Every install comes from the lock files (locks/*.txt, made by `make lock`), the same versions as
 # on the cluster's nodes (cluster.yaml installs locks/base.txt or locks/gpu.txt).
@@ -75,6 +75,14 @@ bench-label: $(STAMP) seed-data $(DAFT_ENV)/.installed-stamp
 
 bench-serve: $(STAMP) seed-data
 	$(BIN)/python benchmarks/serve.py
+
+# The GPU paths on a real accelerator (benchmarks/gpu_check.py): train, a search sharing the card,
+# labelling and serving, with a table. Where nvidia-smi lists a GPU, TensorFlow's CUDA libraries
+# (locks/gpu.txt) are installed first; elsewhere the script says there is no GPU and exits 0.
+gpu-check: $(STAMP) seed-data
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then \
+		$(BIN)/python -m pip install --quiet -r locks/gpu.txt; fi
+	$(BIN)/python benchmarks/gpu_check.py
 
 # Soak runs (not in `make bench`): clfsys serve at concurrency 32 for 10 minutes, then
 # clfsys label over 200,000 small files, each checking for errors and flat memory.

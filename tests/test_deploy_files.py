@@ -51,3 +51,18 @@ def test_the_serve_config_points_at_a_uri_and_holds_no_token():
     (app,) = config["applications"]
     assert app["args"]["model"].startswith("s3://")
     assert app["args"]["auth_token_env"] and "runtime_env" not in app
+
+
+def test_gpu_check_says_in_one_line_that_there_is_no_gpu_and_exits_0():
+    """`make gpu-check` on a machine without nvidia-smi (this one, and CI): one line, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # no nvidia-smi on it
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == [
+        "gpu-check: no GPU on this machine (nvidia-smi is missing or lists none); nothing to "
+        "check"]
