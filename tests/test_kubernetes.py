@@ -6,6 +6,7 @@ generated from jobs/serve.yaml, the locked stack in the image, and no secret in 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import re
 import shlex
@@ -23,11 +24,12 @@ def manifest(name: str) -> dict:
     return yaml.safe_load((DEPLOY / name).read_text())
 
 
+@functools.cache
 def crd_schema(kind: str) -> dict:
     path = CRDS / f"ray.io_{kind.lower()}s.yaml"
     if not path.exists():
         pytest.skip(f"{path} not found (KubeRay's CRDs are in ../shared/kuberay)")
-    crd = yaml.safe_load(path.read_text())
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return v1["schema"]["openAPIV3Schema"]
 
@@ -61,14 +63,15 @@ def test_each_manifest_passes_kuberays_schema_with_no_unknown_field(name):
     doc = manifest(name)
     assert doc["apiVersion"] == "ray.io/v1"
     schema = crd_schema(doc["kind"])
-    jsonschema.validate(doc, schema)
+    validator = jsonschema.Draft7Validator(schema)  # the CRD schema is OpenAPI v3, draft-7-like
+    validator.validate(doc)
     assert unknown_fields(doc, schema) == []
     # The walk does catch a misspelled key that jsonschema lets through.
     spec = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
     misspelled = copy.deepcopy(doc)
     cluster = misspelled["spec"].get("rayClusterSpec") or misspelled["spec"]["rayClusterConfig"]
     cluster["workerGroupSpecs"][0]["maxReplica"] = 4
-    jsonschema.validate(misspelled, schema)
+    validator.validate(misspelled)
     assert unknown_fields(misspelled, schema) == [
         f".spec.{'rayClusterSpec' if 'rayClusterSpec' in doc['spec'] else 'rayClusterConfig'}"
         ".workerGroupSpecs[0].maxReplica"]
