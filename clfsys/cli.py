@@ -163,12 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _disconnect_ray() -> None:
+    """Leave Ray before the result line: Ray's log monitor prints the workers' and raylets'
+    lines to stdout from a thread of its own, and one that came after the JSON line would make
+    it no longer the last line of stdout."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         with redirect_stdout(sys.stderr):
-            result = args.func(args)
+            try:
+                result = args.func(args)
+            finally:
+                _disconnect_ray()
     except IncompleteError as exc:
         print(json.dumps(exc.result), flush=True)
         print(f"clfsys: incomplete: {exc}", file=sys.stderr)
