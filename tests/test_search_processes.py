@@ -124,6 +124,7 @@ def test_a_search_decodes_a_folder_once_in_all_its_processes(tmp_path):
   num_samples: 2
   scheduler: none
   max_epochs: 1
+  grace_period: 1
   space: {train.lr: {choice: [0.01, 0.05]}}
 """)
     log, out = tmp_path / "decodes.log", tmp_path / "out"
