@@ -143,10 +143,11 @@ def test_backbone_bundle_round_trip_through_predictor_and_labelling(tmp_path):
     found = bundle.load(out)
     model = found.load_model()  # safe mode: no Lambda layers, no code in the file
     files = sorted(folder.rglob("*.png"))[:4]
-    x = np.stack([Predictor(found).decode(f.read_bytes()) for f in files])
+    predictor = Predictor(found)  # (each Predictor loads the model)
+    x = np.stack([predictor.decode(f.read_bytes()) for f in files])
     expected = np.asarray(result.model.predict(x, verbose=0))
     assert np.allclose(np.asarray(model.predict(x, verbose=0)), expected, atol=1e-5)
-    rows = Predictor(found).rows(x)  # what the endpoint answers
+    rows = predictor.rows(x)  # what the endpoint answers
     assert [r["label_index"] for r in rows] == list(expected.argmax(axis=1))
     decoded = decode_batch({"path": np.array([str(f) for f in files])}, found.image_size,
                            found.color_mode, 10**6, found.resize)
