@@ -32,6 +32,7 @@ lock:
 	$(UV_COMPILE) --extra dev -c locks/base.txt -o locks/dev.txt
 	$(UV_COMPILE) --extra gpu -c locks/base.txt -o locks/gpu.txt
 	$(BIN)/uv pip compile benchmarks/daft.in --python-version 3.11 --quiet -o locks/daft.txt
+	$(BIN)/uv pip compile benchmarks/bentoml.in --python-version 3.11 --quiet -o locks/bentoml.txt
 
 # Keras reads ~/.keras/datasets/fashion-mnist/*.gz before trying the network.
 seed-data:
@@ -67,18 +68,19 @@ bench-data: $(STAMP) seed-data
 bench-search: $(STAMP) seed-data
 	$(BIN)/python benchmarks/search.py
 
-# Daft, the peer in bench-label, in its own environment: daft 0.7 needs pyarrow < 26.
-DAFT_ENV := runs/bench/daft-env
-$(DAFT_ENV)/.installed-stamp: locks/daft.txt
-	$(PYTHON) -m venv $(DAFT_ENV)
-	$(DAFT_ENV)/bin/python -m pip install --quiet -r locks/daft.txt
+# The peers that pin a stack of their own run in environments of their own, each from its lock:
+# runs/bench/daft-env (bench-label; daft 0.7 needs pyarrow < 26) and runs/bench/bentoml-env
+# (bench-serve; BentoML brings its own web stack).
+runs/bench/%-env/.installed-stamp: locks/%.txt
+	$(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install --quiet -r $<
 	touch $@
 
-bench-label: $(STAMP) seed-data $(DAFT_ENV)/.installed-stamp
-	$(BIN)/python benchmarks/label.py --daft-python $(DAFT_ENV)/bin/python
+bench-label: $(STAMP) seed-data runs/bench/daft-env/.installed-stamp
+	$(BIN)/python benchmarks/label.py --daft-python runs/bench/daft-env/bin/python
 
-bench-serve: $(STAMP) seed-data
-	$(BIN)/python benchmarks/serve.py
+bench-serve: $(STAMP) seed-data runs/bench/bentoml-env/.installed-stamp
+	$(BIN)/python benchmarks/serve.py --bentoml-python runs/bench/bentoml-env/bin/python
 
 # The GPU paths on a real accelerator (benchmarks/gpu_check.py): train, a search sharing the card,
 # labelling and serving, with a table. Where nvidia-smi lists a GPU, TensorFlow's CUDA libraries

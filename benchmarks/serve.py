@@ -8,8 +8,11 @@ on exported Fashion-MNIST test PNGs, against, in the same run:
   proxy and behind its HAProxy ingress (with Serve's default replica settings, and with the
   ones `clfsys serve` uses), and a plain uvicorn no-op app without Ray;
 - peers: a plain FastAPI/uvicorn app that calls the model directly (`model(x)`) once per
-  request, and the unbatched deployment (max batch size 1);
-- clfsys: batched `/predict` under both ingresses, on real photos (hymenoptera JPEGs) with
+  request, the unbatched deployment (max batch size 1), and (with --bentoml-python, as
+  `make bench-serve` runs it) BentoML serving the same model.keras with adaptive batching at
+  clfsys's batch size (benchmarks/bentoml_service.py, in its own environment);
+- clfsys: batched `/predict` under both ingresses, as multipart uploads (how BentoML takes
+  the same PNGs) behind HAProxy, on real photos (hymenoptera JPEGs) with
   decoding in threads and on the event loop, and the Open Inference Protocol (V2: base64 in
   JSON, and the binary tensor extension that tritonclient uses by default) and TF Serving
   routes behind HAProxy.
@@ -56,6 +59,8 @@ from clfsys.ingress import free_port
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (1, 8, 32, 64)
+BENTOML = "peer: BentoML, adaptive batching (max batch 32), multipart upload"
+UPLOAD = "clfsys /predict, HAProxy, multipart upload"
 NOOP = {"label": "T-shirt/top", "label_index": 0, "confidence": 1.0, "top_k": [],
         "model_id": "noop"}
 
@@ -227,7 +232,18 @@ def request_bodies(blobs: list[bytes]) -> dict[str, list[tuple[bytes, dict]]]:
                                          "data": [x]}]}).encode(), as_json) for x in b64],
         "tf": [(json.dumps({"instances": [{"b64": x}]}).encode(), as_json) for x in b64],
         "v2-binary": [v2_binary(b) for b in blobs],
+        "form": [form_upload(b, "file") for b in blobs],  # clfsys's multipart field
+        "bentoml-form": [form_upload(b, "images") for b in blobs],  # BentoML's: the argument
     }
+
+
+def form_upload(blob: bytes, field: str) -> tuple[bytes, dict]:
+    """The PNG as a multipart/form-data upload in `field`, as `curl -F field=@x.png` sends it."""
+    boundary = "clfsys-bench-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="x.png"\r\nContent-Type: image/png\r\n\r\n').encode() + blob + \
+        f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 def v2_binary(blob: bytes) -> tuple[bytes, dict]:
@@ -330,6 +346,21 @@ def route_ratios(results: dict, ours: str, level: int) -> None:
               f"{base['cpu_us']:.0f} ({cpu[1]:.2f}-{cpu[2]:.2f})")
 
 
+def against_bentoml(results: dict) -> None:
+    """clfsys /predict behind HAProxy against BentoML, the same multipart uploads, level by
+    level (each measured in its own rounds: the two cannot share a server)."""
+    if BENTOML not in results or UPLOAD not in results:
+        return
+    ours = UPLOAD
+    print("\nclfsys /predict behind HAProxy against BentoML, both sent the PNGs as multipart "
+          "uploads (targets at concurrency 32: >= 1.5x its req/s, a p99 no higher than its):")
+    for c in sorted(set(results[ours]) & set(results[BENTOML])):
+        us, them = results[ours][c], results[BENTOML][c]
+        print(f"  concurrency {c:>2}: {us['rps']:.0f} vs {them['rps']:.0f} req/s "
+              f"({us['rps'] / them['rps']:.2f}x), p50 {us['p50']:.1f} vs {them['p50']:.1f} ms, "
+              f"p99 {us['p99']:.1f} vs {them['p99']:.1f} ms")
+
+
 def ray_address(log: Path) -> str:
     """The address of the Ray instance a `clfsys serve` started, from its "serving" line."""
     deadline = time.monotonic() + 120
@@ -398,6 +429,8 @@ def main() -> None:
     parser.add_argument("--model", help="bundle (default: the seed CNN, trained for 1 epoch)")
     parser.add_argument("--photos", default=str(ROOT.parent / "shared/data/hymenoptera"),
                         help="folder of JPEG photos for the decode-off-the-loop comparison")
+    parser.add_argument("--bentoml-python", help="the BentoML environment's python (make "
+                        "bench-serve makes runs/bench/bentoml-env); without it, no BentoML")
     parser.add_argument("--only", help="measure only the variants whose name matches this "
                         "regular expression (a quick check; the targets need the whole run); "
                         "'in-process': only the inference routes' cost without HTTP, which a "
@@ -439,6 +472,12 @@ def main() -> None:
         "uvicorn": [(me + ["noop-uvicorn", "{port}"], "")],
         "direct": [(me + ["direct", bundle_dir, "{port}"], "")],
     }
+    if args.bentoml_python:  # the same bundle and largest batch as clfsys's default
+        os.environ.update(CLFSYS_BENCH_BUNDLE=str(Path(bundle_dir).resolve()),
+                          CLFSYS_BENCH_MAX_BATCH="32")
+        groups["bentoml"] = [([args.bentoml_python, "-m", "bentoml", "serve",
+                               "bentoml_service:Classifier", "--working-dir", "benchmarks",
+                               "--host", "127.0.0.1", "--port", "{port}"], "")]
     # name: (group, path, protocol)
     variants = {
         "ceiling: no-op Serve, Serve proxy": ("proxy", "/noop/predict", "own"),
@@ -448,8 +487,10 @@ def main() -> None:
         "ceiling: no-op uvicorn, no Ray": ("uvicorn", "/predict", "own"),
         "peer: FastAPI, model(x) per request": ("direct", "/predict", "own"),
         "peer: unbatched deployment, HAProxy": ("haproxy", "/unbatched/predict", "own"),
+        BENTOML: ("bentoml", "/predict", "bentoml-form"),
         "clfsys /predict, Serve proxy": ("proxy", "/predict", "own"),
         "clfsys /predict, HAProxy": ("haproxy", "/predict", "own"),
+        UPLOAD: ("haproxy", "/predict", "form"),
         "clfsys /predict, HAProxy, photos decoded in threads": ("haproxy", "/predict", "photos"),
         "clfsys /predict, HAProxy, photos decoded on the loop": (
             "haproxy", "/loop/predict", "photos"),
@@ -458,6 +499,8 @@ def main() -> None:
             "haproxy", "/v2/models/clfsys/infer", "v2-binary"),
         "clfsys TF Serving predict, HAProxy": ("haproxy", "/v1/models/clfsys:predict", "tf"),
     }
+    if not args.bentoml_python:
+        del variants[BENTOML]
     if not photos:
         print(f"no JPEG photos under {args.photos}: the photo variants are left out",
               file=sys.stderr)
@@ -494,6 +537,7 @@ def main() -> None:
                   f"{r['p95']:>6.1f} | {r['p99']:>6.1f} | {r['errors']:>6} | "
                   f"{r['cpu_us']:>17.0f} |")
     ours, ceiling = "clfsys /predict, HAProxy", "ceiling: no-op Serve, HAProxy"
+    against_bentoml(results)
     if args.only:
         if ours in results:
             for c in args.levels:
