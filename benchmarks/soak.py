@@ -8,6 +8,9 @@
       stay within 10% after the first 20,000 files while the actor labels. Anonymous memory
       (RssAnon, what a leak grows) is reported beside RSS, which also counts object-store and
       file pages.
+  --part listing: the label driver's listing (`label.list_inputs`) of 50,000 and of --files
+      of those PNGs (local folders), each in a fresh process: seconds, and the growth of the
+      process's RSS (the paths it holds), per 100,000 inputs.
 
 Load goes to 127.0.0.1 only; every loop is bounded by time or count and stops by itself.
 """
@@ -155,17 +158,45 @@ def soak_label(work: Path, bundle_dir: Path, files: int) -> dict:
                 [s["actor_anon_mb"] for s in after]), 3)}
 
 
+def listing(folder: Path, count: int) -> dict:
+    """List the first `count` files of `folder` (its subfolders of 1,000) in a fresh process,
+    as `clfsys label --input DIR...` does before it starts Ray."""
+    child = f"""
+import json, os, time
+from clfsys.label import list_inputs
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+dirs = [{str(folder)!r} + f'/{{i:04d}}' for i in range({-(-count // 1000)})]
+before, started = rss(), time.perf_counter()
+paths = list_inputs(dirs)
+print(json.dumps({{"inputs": len(paths), "seconds": time.perf_counter() - started,
+                  "rss_growth_mb": (rss() - before) / 1e6}}))
+"""
+    done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     from label import make_bundle
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", choices=("serve", "label"), required=True)
+    parser.add_argument("--part", choices=("serve", "label", "listing"), required=True)
     parser.add_argument("--work", default="runs/bench/soak")
     parser.add_argument("--minutes", type=float, default=10.0, help="serve: how long")
     parser.add_argument("--files", type=int, default=200_000, help="label: how many files")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.part == "listing":
+        if not (work / f"pngs_{args.files}").is_dir():
+            sys.exit(f"no {work / f'pngs_{args.files}'}: run --part label first, which makes it")
+        for count in (50_000, args.files):
+            found = listing(work / f"pngs_{args.files}", count)
+            print(f"{found['inputs']:,} inputs listed in {found['seconds']:.2f} s; driver RSS "
+                  f"+{found['rss_growth_mb']:.1f} MB, "
+                  f"{found['rss_growth_mb'] / found['inputs'] * 1e5:.1f} MB per 100,000 inputs "
+                  "(target <= 50)")
+        return
     bundle_dir = make_bundle(work / "bundle_fmnist_1", ["train.epochs=1", "data.limit=10000"])
     if args.part == "serve":
         result = soak_serve(work, bundle_dir, args.minutes)
