@@ -162,25 +162,18 @@ async def closed_loop(url: str, body: bytes, clients: int, seconds: float) -> tu
 
 
 def check_serve(rows: list[dict], work: Path, bundle: Path) -> None:
-    import requests
+    sys.path.insert(0, str(ROOT / "tests"))
+    from infra import clfsys_serve
 
     from clfsys.ingress import free_port
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "clfsys.cli", "serve", "--model",
-                               str(bundle), "--port", str(port), "--num-gpus", "0.5",
-                               "--replicas", "2", "--metrics-port", str(free_port())],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, start_new_session=True)
+    server = clfsys_serve(work / "serve.log", dict(os.environ), "--model", str(bundle),
+                          "--port", str(port), "--num-gpus", "0.5", "--replicas", "2",
+                          "--metrics-port", str(free_port()))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
+        server.wait_healthy(url, timeout_s=600)  # (raises with the server's log if it dies)
         body = next((work / "pngs").rglob("*.png")).read_bytes()
         with GpuWatch() as watch:
             ok, failed = asyncio.run(closed_loop(f"{url}/predict", body, 32, 15.0))
@@ -188,9 +181,10 @@ def check_serve(rows: list[dict], work: Path, bundle: Path) -> None:
                      "check": f"{watch.most_processes} processes on the card, {failed} errors",
                      "ok": watch.most_processes >= 2 and failed == 0 and ok > 0,
                      "images_per_s": ok / 15.0, "gpu_mb": watch.peak_mb})
+        server.stop(signal.SIGINT)  # Ctrl-C: exit 0 and the result line
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        server.wait(120)
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
 
 
 def main() -> int:
