@@ -421,12 +421,22 @@ def test_serve_a_bundle_on_s3_with_a_replica_on_each_node(cluster, s3, trained_b
         assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
 
         # The worker node dies under steady load (4 clients, one request each at a time): the
-        # replica on the head goes on answering; only the requests in flight may fail.
+        # replica on the head goes on answering. Both nodes' proxies listen on this port (one
+        # network namespace, SO_REUSEPORT), so a client may lose its connection to the dead
+        # node's proxy, and its next request may go through the head's proxy to the dead
+        # replica before that proxy's router has seen it fail (Serve's proxy does not resend a
+        # request it has handed to a replica). So each client may see at most one connection
+        # error, then at most one 5xx, and nothing else that is not 200.
         answers = load_while_a_node_dies(cluster, f"{url}/predict", image.getvalue(), clients=4)
-        failed = [s for client in answers for s in client if s != 200]
-        print(f"node lost under load: {sum(map(len, answers))} requests, {len(failed)} not 200 "
-              f"({sorted(set(map(str, failed)))})")
-        assert len(failed) <= 4, answers
+        failed = [[s for s in client if s != 200] for client in answers]
+        print(f"node lost under load: {sum(map(len, answers))} requests, not 200 by client: "
+              f"{failed}")
+        for client in failed:
+            lost = [s for s in client if isinstance(s, str)]
+            refused = [s for s in client if isinstance(s, int)]
+            assert len(lost) <= 1 and len(refused) <= 1, failed
+            assert all(500 <= s < 600 for s in refused), failed
+            assert client[:len(lost)] == lost, failed  # the connection error comes first
         head = cluster.head_node_id()
         assert [healthz_node(url) for _ in range(10)] == [head] * 10
     finally:
