@@ -7,9 +7,8 @@ No TensorFlow or Ray import here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from clfsys.errors import ConfigError, first_line
+from clfsys.options import build
 
 DATASETS = ("fashion_mnist", "csv", "folder")
 COLOR_MODES = ("grayscale", "rgb")
@@ -27,6 +27,26 @@ centred on black borders; crop: fill it, aspect ratio kept, the centre cropped."
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MONITORS = ("val_loss", "val_accuracy")
 LR_DECAYS = ("none", "cosine")
+
+BACKBONES = ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_v2_b0", "resnet50_v2")
+"""The keras.applications backbones (models.BACKBONES says how each is built)."""
+_BACKBONE_PARAMS = {"weights": "imagenet", "dropout": 0.2, "fine_tune_layers": 30}
+ARCH_PARAMS: dict[str, dict[str, Any]] = {
+    "mlp": {"units": [350], "dropout": 0.0},
+    "cnn": {"filters": [32], "kernel_size": 3, "dense": 100, "dropout": 0.0,
+            "dense_dropout": 0.0},
+    "cnn_bn": {"filters": [32, 32], "kernel_size": 3, "dense": 128, "dropout": 0.25,
+               "dense_dropout": 0.5},
+    "cnn_vgg": {"filters": [32, 64], "kernel_size": 3, "dense": 256, "dropout": 0.25,
+                "dense_dropout": 0.5},
+    "cnn_wide": {"filters": [32, 64], "kernel_size": 5, "dense": 256, "dropout": 0.25,
+                 "dense_dropout": 0.5},
+    **{arch: _BACKBONE_PARAMS for arch in BACKBONES},
+}
+"""Each architecture's parameters (fields of ModelConfig) with their defaults: a ModelConfig
+has exactly these set, the rest None. An architecture is this line plus its builder in
+models.ARCHITECTURES; a new parameter is a field of ModelConfig plus its default here."""
+ARCH_PARAM_NAMES = tuple(dict.fromkeys(name for p in ARCH_PARAMS.values() for name in p))
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -103,7 +123,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture and its parameters; unset parameters take the architecture's default."""
+    """The architecture and its parameters, complete once built: the parameters `arch` takes
+    (ARCH_PARAMS) that were not given hold its defaults, and the others are None."""
 
     arch: str = "cnn"
     """Registered architecture: mlp, cnn, cnn_bn, cnn_vgg, cnn_wide, or a keras.applications
@@ -134,6 +155,15 @@ class ModelConfig:
     """Random horizontal flip when augment is on."""
 
     def __post_init__(self) -> None:
+        _check(self.arch in ARCH_PARAMS, "model.arch", f"must be one of {sorted(ARCH_PARAMS)}",
+               self.arch)
+        takes = ARCH_PARAMS[self.arch]
+        for name in ARCH_PARAM_NAMES:
+            if name in takes and getattr(self, name) is None:
+                object.__setattr__(self, name, copy.deepcopy(takes[name]))
+            elif name not in takes and getattr(self, name) is not None:
+                raise ConfigError(f"model.{name} is not a parameter of arch {self.arch!r} "
+                                  f"(it takes {', '.join(sorted(takes))})")
         for key in ("units", "filters"):
             value = getattr(self, key)
             if value is not None:
@@ -378,73 +408,6 @@ class Config:
         return from_dict(raw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, with type checks that name the dotted key.
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    raise AssertionError(f"unsupported config type {hint!r} for {key}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    where = prefix or "the config"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"unknown config key {dotted!r} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in raw.items():
-        dotted = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], dotted)
-    return cls(**kwargs)
-
-
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     if len(parts) < 2 or not all(parts):
@@ -471,7 +434,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def from_dict(raw: dict[str, Any] | None) -> Config:
-    return _build(Config, raw, "")
+    return build(Config, raw, "", "config key")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -2,7 +2,9 @@
 
 Every model takes raw uint8 pixels: rescaling (or a pretrained backbone's own preprocessing) and
 the optional augmentation layers (random zoom, horizontal flip; active only in training) live
-inside the model. Adding an architecture is one builder function and one line in ARCHITECTURES.
+inside the model. Adding an architecture is one builder function, one line in ARCHITECTURES and
+its parameters' defaults in config.ARCH_PARAMS (a ModelConfig arrives complete: builders only
+read its fields).
 
 Pretrained backbones (BACKBONES) come from keras.applications without their top: grayscale is
 repeated to 3 channels inside the model, and a new head (dropout, softmax) follows the pooled
@@ -12,16 +14,11 @@ features. `model.weights` is imagenet (Keras downloads them, or reads ~/.keras/m
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from clfsys.config import ModelConfig
 from clfsys.errors import ConfigError, first_line
-
-PARAMS = ("units", "filters", "kernel_size", "dense", "dropout", "dense_dropout", "weights",
-          "fine_tune_layers")
 
 BACKBONES = {
     "mobilenet_v3_small": ("MobileNetV3Small", True),
@@ -33,13 +30,6 @@ BACKBONES = {
 expects pixels in [-1, 1], which a Rescaling layer in front of it does."""
 BACKBONE_LAYER = "backbone"
 MIN_BACKBONE_SIDE = 32
-
-
-@dataclass(frozen=True)
-class Architecture:
-    builder: Callable[..., Any]
-    defaults: dict[str, Any]
-    """Every parameter the builder reads, with its default."""
 
 
 def _inputs(cfg: ModelConfig, input_shape: tuple[int, int, int], scale: float = 1.0 / 255,
@@ -217,41 +207,17 @@ def _raised_in(exc: BaseException, function: str) -> bool:
     return any(frame.name == function for frame in traceback.extract_tb(exc.__traceback__))
 
 
-_BACKBONE_DEFAULTS = {"weights": "imagenet", "dropout": 0.2, "fine_tune_layers": 30}
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "mlp": Architecture(build_mlp, {"units": [350], "dropout": 0.0}),
-    "cnn": Architecture(build_cnn, {"filters": [32], "kernel_size": 3, "dense": 100,
-                                    "dropout": 0.0, "dense_dropout": 0.0}),
-    "cnn_bn": Architecture(build_cnn_bn, {"filters": [32, 32], "kernel_size": 3, "dense": 128,
-                                          "dropout": 0.25, "dense_dropout": 0.5}),
-    "cnn_vgg": Architecture(build_cnn_vgg, {"filters": [32, 64], "kernel_size": 3, "dense": 256,
-                                            "dropout": 0.25, "dense_dropout": 0.5}),
-    "cnn_wide": Architecture(build_cnn_wide, {"filters": [32, 64], "kernel_size": 5,
-                                              "dense": 256, "dropout": 0.25,
-                                              "dense_dropout": 0.5}),
-    **{arch: Architecture(_backbone_builder(arch), _BACKBONE_DEFAULTS) for arch in BACKBONES},
+ARCHITECTURES: dict[str, Callable[..., Any]] = {
+    "mlp": build_mlp,
+    "cnn": build_cnn,
+    "cnn_bn": build_cnn_bn,
+    "cnn_vgg": build_cnn_vgg,
+    "cnn_wide": build_cnn_wide,
+    **{arch: _backbone_builder(arch) for arch in BACKBONES},
 }
-
-
-def resolve(cfg: ModelConfig) -> ModelConfig:
-    """Fill the architecture's defaults into unset parameters; reject parameters it ignores."""
-    if cfg.arch not in ARCHITECTURES:
-        raise ConfigError(f"model.arch must be one of {sorted(ARCHITECTURES)}, got {cfg.arch!r}")
-    defaults = ARCHITECTURES[cfg.arch].defaults
-    filled = {}
-    for name in PARAMS:
-        value = getattr(cfg, name)
-        if name not in defaults:
-            if value is not None:
-                raise ConfigError(f"model.{name} is not a parameter of arch {cfg.arch!r} "
-                                  f"(it takes {', '.join(sorted(defaults))})")
-        elif value is None:
-            filled[name] = defaults[name]
-    return dataclasses.replace(cfg, **filled)
+"""arch -> builder(model_cfg, input_shape, num_classes); the same names as config.ARCH_PARAMS."""
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int):
     """Build the configured architecture (not compiled)."""
-    cfg = resolve(cfg)
-    return ARCHITECTURES[cfg.arch].builder(cfg, tuple(input_shape), num_classes)
+    return ARCHITECTURES[cfg.arch](cfg, tuple(input_shape), num_classes)

@@ -1,17 +1,20 @@
-"""The one way to declare a command's options: a frozen dataclass whose fields are made with
-`option(default, help)`. Its CLI flags (`add_flags`), the object from parsed flags (`from_args`)
-and from the string or typed values of a Serve config's `args` (`from_values`) all come from the
-fields, so no default or type is written twice."""
+"""The one way to declare options: frozen dataclasses. `build` makes one from a mapping of
+typed values (a YAML file, a Serve config's `args`), checking each value against its field's
+type with an error that names the key; the job config (config.py) and the commands' options both
+go through it. A command's options are fields made with `option(default, help)`: its CLI flags
+(`add_flags`), the object from parsed flags (`from_args`) and from the strings of `serve run ...
+key=value` (`from_values`) all come from the fields, so no default or type is written twice."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 import typing
 from dataclasses import field, fields
 from typing import Any
 
-from clfsys.errors import ClfsysError
+from clfsys.errors import ClfsysError, ConfigError
 
 
 def option(default: Any, help: str) -> Any:
@@ -54,25 +57,86 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 def from_values(cls, values: dict[str, Any], what: str = "option"):
     """`cls` from a mapping of field names to values, typed as in a YAML file or strings as
     `serve run ... key=value` passes them; an unknown name or a bad value names the field."""
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ClfsysError(f"unknown {what} {unknown[0]!r} (known: {', '.join(known)})")
-    typed = {}
-    for name, value in values.items():
-        kind = _kind(cls, name)
-        if isinstance(value, str) and kind is not str:
-            text = value.strip().lower()
-            if text in ("none", "null", ""):
-                value = None
-            elif kind is bool and text in _TRUE + _FALSE:
-                value = text in _TRUE
-            else:
-                try:
-                    value = kind(value)
-                except ValueError:
-                    article = "an" if kind.__name__[0] in "aeiou" else "a"
-                    raise ClfsysError(f"{what} {name}: {value!r} is not {article} "
-                                      f"{kind.__name__}") from None
-        typed[name] = value
-    return cls(**typed)
+    hints = typing.get_type_hints(cls)
+    typed = {name: _from_text(value, _kind(cls, name), f"{what} {name}")
+             if name in hints and isinstance(value, str) else value
+             for name, value in values.items()}
+    return build(cls, typed, "", what)
+
+
+def _from_text(value: str, kind: Any, where: str) -> Any:
+    if kind not in (bool, int, float):
+        return value
+    text = value.strip().lower()
+    if text in ("none", "null", ""):
+        return None
+    if kind is bool and text in _TRUE + _FALSE:
+        return text in _TRUE
+    try:
+        return kind(value)
+    except ValueError:
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise ClfsysError(f"{where}: {value!r} is not {article} {kind.__name__}") from None
+
+
+def build(cls: type, raw: Any, prefix: str, what: str):
+    """The dataclass `cls` from a mapping of its field names to typed values (nested dataclasses
+    from nested mappings); an unknown name or a value of the wrong type raises ConfigError naming
+    the dotted key (`prefix.name`), `what` saying what an unknown name is."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for name, value in raw.items():
+        dotted = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise ConfigError(f"unknown {what} {dotted!r} (known: {', '.join(sorted(names))})")
+        kwargs[name] = _coerce(value, hints[name], dotted, what)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, what: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, what)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", what) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key, what)
+    raise AssertionError(f"unsupported type {hint!r} for {key}")

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from clfsys.config import Config
+from clfsys.config import ARCH_PARAM_NAMES, Config
 from clfsys.errors import ConfigError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -116,17 +116,13 @@ def overrides(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_config(base: Config, sample: dict[str, Any]) -> Config:
-    """The config of one trial: `base` with the sample's overrides. Architecture parameters that
-    the base config set for another architecture are dropped when the sample changes `arch`."""
-    from clfsys.models import ARCHITECTURES, PARAMS
-
+    """The config of one trial, complete and checked: `base` with the sample's overrides. The
+    base's architecture parameters belong to its `model.arch`: a sample of another architecture
+    takes that architecture's defaults for the parameters the sample does not set."""
     chosen = overrides(sample)
-    arch = chosen.get(ARCH_KEY, base.model.arch)
-    accepted = ARCHITECTURES[arch].defaults if arch in ARCHITECTURES else {}
-    for name in PARAMS:
-        key = f"model.{name}"
-        if name not in accepted and key not in chosen and getattr(base.model, name) is not None:
-            chosen[key] = None
+    if chosen.get(ARCH_KEY, base.model.arch) != base.model.arch:
+        for name in ARCH_PARAM_NAMES:
+            chosen.setdefault(f"model.{name}", None)
     return base.replace(**chosen)
 
 
@@ -141,13 +137,11 @@ def _corner(params: list[Param], arch: Any, end: int) -> dict[str, Any]:
 def check_space(base: Config, params: list[Param]) -> None:
     """Build the configs at the space's corners for every architecture, so that a wrong key or
     value fails before any trial starts, with a message naming tune.space."""
-    from clfsys.models import resolve
-
     arch_param = next((p for p in params if p.name == ARCH_KEY), None)
     for arch in arch_param.args if arch_param else (None,):
         for end in (0, -1):
             try:
-                resolve(trial_config(base, _corner(params, arch, end)).model)
+                trial_config(base, _corner(params, arch, end))
             except ConfigError as exc:
                 where = f" for {ARCH_KEY}={arch}" if arch is not None else ""
                 raise ConfigError(f"tune.space{where}: {exc}") from None

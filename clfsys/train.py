@@ -21,7 +21,7 @@ from clfsys import cache
 from clfsys import data as data_mod
 from clfsys.config import Config, TrainConfig
 from clfsys.data import Dataset
-from clfsys.models import BACKBONE_LAYER, BACKBONES, build_model, resolve
+from clfsys.models import BACKBONE_LAYER, BACKBONES, build_model
 
 
 @dataclass
@@ -100,7 +100,6 @@ def train(
     import keras
 
     started = time.perf_counter()
-    resolve(cfg.model)  # unknown architecture: fail before loading any data
     keras.utils.set_random_seed(cfg.train.seed)
     dataset = dataset if dataset is not None else data_mod.load(cfg.data)
     if model is None:
@@ -163,7 +162,7 @@ def fit_inputs(dataset: Dataset, tc: TrainConfig, first_epoch: int) -> dict[str,
 
 def pretrained(cfg: Config) -> bool:
     """A keras.applications backbone starting from trained weights: trained in two phases."""
-    return cfg.model.arch in BACKBONES and resolve(cfg.model).weights != "none"
+    return cfg.model.arch in BACKBONES and cfg.model.weights != "none"
 
 
 def phases(cfg: Config) -> list[tuple[int, int]]:
@@ -217,7 +216,7 @@ def set_phase(model, cfg: Config, epoch: int) -> bool:
         backbone.trainable = False
     else:
         backbone.trainable = True
-        cut = len(backbone.layers) - resolve(cfg.model).fine_tune_layers
+        cut = len(backbone.layers) - cfg.model.fine_tune_layers
         for i, layer in enumerate(backbone.layers):
             if i < cut or isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
@@ -318,11 +317,9 @@ def publish(
         "data": {"train": len(ds.y_train), "val": len(ds.y_val), "test": len(ds.y_test),
                  "skipped_files": len(ds.skipped)},
     }
-    config = result.config.to_dict()
-    config["model"] = {**config["model"], **vars(resolve(result.config.model))}
     meta = bundle.save(out, result.model, class_names=ds.class_names,
                        color_mode=ds.color_mode, resize=result.config.data.resize,
-                       config=config, metrics=metrics,
+                       config=result.config.to_dict(), metrics=metrics,
                        history=result.history, extra=extra_metadata)
     print(f"bundle written to {out} (plots in {plots})", file=sys.stderr)
     return {

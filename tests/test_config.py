@@ -22,7 +22,9 @@ def test_defaults_and_yaml_with_overrides(tmp_path):
     ("train.optimizer=rmsprop", "train.optimizer must be one of"),
     ("train.foo=1", "unknown config key 'train.foo'"),
     ("bogus.key=1", "unknown config key 'bogus'"),
-    ("model.units=[0, 5]", "model.units must be a non-empty list of positive integers"),
+    ("model.filters=[0, 5]", "model.filters must be a non-empty list of positive integers"),
+    ("model.units=[5]", "model.units is not a parameter of arch 'cnn' (it takes dense, "),
+    ("model.arch=vgg", "model.arch must be one of ['cnn', 'cnn_bn', "),
     ("model.units=7", "model.units must be a list"),
     ("data.val_fraction=1.5", "data.val_fraction must be in (0, 1), got 1.5"),
     ("data.dataset=folder", "data.path is required for dataset 'folder'"),
@@ -35,6 +37,12 @@ def test_errors_name_the_dotted_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_the_model_config_is_complete_and_survives_a_round_trip():
+    cfg = load_config(None, ["model.arch=cnn_bn", "model.dense=64"])
+    assert (cfg.model.filters, cfg.model.dense, cfg.model.units) == ([32, 32], 64, None)
+    assert Config.replace(cfg) == cfg and cfg.replace(**{"train.lr": 0.01}).model == cfg.model
 
 
 def test_cosine_decay_and_the_plateau_schedule_exclude_each_other():

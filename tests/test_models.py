@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
+from clfsys import config
 from clfsys.config import ModelConfig
 from clfsys.errors import ConfigError
-from clfsys.models import ARCHITECTURES, BACKBONES, build_model, resolve
+from clfsys.models import ARCHITECTURES, BACKBONES, build_model
 
 
 @pytest.mark.parametrize("arch, params, expected", [
@@ -45,10 +46,16 @@ def test_cnn_bn_has_batch_norm_and_dropout():
     assert kinds.count("Dropout") == 3
 
 
-def test_resolve_fills_defaults_and_rejects_foreign_parameters():
-    assert resolve(ModelConfig(arch="mlp")).units == [350]
-    assert resolve(ModelConfig(arch="cnn_bn", filters=[8])).filters == [8]
+def test_a_model_config_is_complete_once_built():
+    mlp = ModelConfig(arch="mlp")
+    assert mlp.units == [350] and mlp.dropout == 0.0 and mlp.filters is None
+    assert ModelConfig(arch="cnn_bn", filters=[8]).filters == [8]
+    assert ModelConfig(arch="mlp").units is not ModelConfig(arch="mlp").units  # not shared
     with pytest.raises(ConfigError, match="model.units is not a parameter of arch 'cnn'"):
-        resolve(ModelConfig(arch="cnn", units=[10]))
+        ModelConfig(arch="cnn", units=[10])
     with pytest.raises(ConfigError, match="model.arch must be one of"):
-        resolve(ModelConfig(arch="resnet9000"))
+        ModelConfig(arch="resnet9000")
+    # Every architecture has a builder and a table of parameters, and the builders' backbones
+    # are the config's.
+    assert set(ARCHITECTURES) == set(config.ARCH_PARAMS)
+    assert set(BACKBONES) == set(config.BACKBONES)

@@ -518,6 +518,8 @@ def test_app_builder_and_the_serve_config_file(trained_bundle):
     assert type(app).__name__ == "Application"
     with pytest.raises(ClfsysError, match="unknown serve option 'batchsize'"):
         app_builder({"model": str(trained_bundle), "batchsize": 4})
+    with pytest.raises(ClfsysError, match=r"max_batch_size must be an integer, got \[4\]"):
+        app_builder({"model": str(trained_bundle), "max_batch_size": [4]})  # typed, from YAML
     with pytest.raises(ClfsysError, match="--max-replicas has a bad value"):
         app_builder({"model": str(trained_bundle), "min_replicas": 3, "max_replicas": 2})
     # CPUs per replica: what Ray reserves, and TensorFlow's compute threads (rounded up).

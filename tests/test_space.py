@@ -45,6 +45,9 @@ def test_trial_config_drops_base_parameters_of_another_architecture():
     assert cfg.model.arch == "mlp" and cfg.model.units == [64] and cfg.model.filters is None
     same = trial_config(base, {"train.lr": 0.01})
     assert same.model.filters == [16] and same.train.lr == 0.01
+    # The base's parameters belong to its arch: another CNN takes its own defaults.
+    other = trial_config(base, {"model.arch": "cnn_bn", "cnn_bn:model.dense": 64})
+    assert (other.model.filters, other.model.dense, other.model.dropout) == ([32, 32], 64, 0.25)
 
 
 def test_check_space_accepts_the_example_and_names_bad_keys():
