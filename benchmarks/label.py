@@ -309,8 +309,7 @@ def reads_alone(s3, files: list[str], in_flight: int = 32, repeats: int = 3) -> 
     try:
         for added, endpoint in ((0, s3.endpoint), (DELAY_MS, proxy.url)):
             os.environ["AWS_ENDPOINT_URL"] = endpoint
-            storage._filesystem.cache_clear()
-            storage._s3_store.cache_clear()
+            storage.forget_clients()
             fs, _ = storage.resolve(inputs)
 
             def pyarrow_read(location: str, fs=fs) -> bytes:
@@ -336,8 +335,7 @@ def reads_alone(s3, files: list[str], in_flight: int = 32, repeats: int = 3) -> 
                 rates.setdefault(name, {})[f"{added} ms"] = best
     finally:
         os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
-        storage._filesystem.cache_clear()
-        storage._s3_store.cache_clear()
+        storage.forget_clients()
         proxy.stop()
     print(f"\n## S3 reads alone: {len(keys)} objects, {in_flight} in flight, best of {repeats}")
     print(f"| reader                      | objects/s, 0 ms | objects/s, {DELAY_MS} ms each way |")

@@ -106,7 +106,8 @@ def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from clfsys.serve import ServeOptions, run_server
+    from clfsys.serve import ServeOptions
+    from clfsys.serve_run import run_server
 
     return run_server(args.model, from_args(ServeOptions, args))
 

@@ -7,10 +7,10 @@ environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REG
 GOOGLE_APPLICATION_CREDENTIALS, ...) and from the URI's own query string
 (`s3://bucket/key?endpoint_override=host:port`); clfsys has no credential flags of its own.
 
-Reads from S3 go through obstore (one GET per object, many at once over pooled connections),
-configured from what pyarrow makes of the same URI and environment; everything else goes
-through pyarrow's filesystems. Failures to reach or read storage raise `StorageError`, which
-names the location. Nothing here imports TensorFlow or Ray.
+Reads from S3 go through obstore (objectstore.py: one GET per object, many at once over pooled
+connections), configured from what pyarrow makes of the same URI and environment; everything
+else goes through pyarrow's filesystems. Failures to reach or read storage raise `StorageError`,
+which names the location. Nothing here imports TensorFlow or Ray.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def normalize(location: str | Path) -> str:
     return os.path.abspath(text.removeprefix("file://"))
 
 
-def _split(location: str) -> tuple[str, str, str]:
+def split_location(location: str) -> tuple[str, str, str]:
     """URI -> ('scheme://authority', the path after it, '?query' or '')."""
     parts = urlsplit(location)
     query = f"?{parts.query}" if parts.query else ""
@@ -79,6 +79,15 @@ def _filesystem(root: str):
     return fs, base.rstrip("/")
 
 
+def forget_clients() -> None:
+    """Drop the cached filesystem and object-store clients (after the environment that
+    configures them changed, e.g. another endpoint)."""
+    from clfsys import objectstore
+
+    _filesystem.cache_clear()
+    objectstore.s3_store.cache_clear()
+
+
 def resolve(location: str | Path):
     """(pyarrow filesystem, path inside it) for a location."""
     import pyarrow.fs as pafs
@@ -86,7 +95,7 @@ def resolve(location: str | Path):
     text = normalize(location)
     if not is_uri(text):
         return pafs.LocalFileSystem(), text
-    authority, path, query = _split(text)
+    authority, path, query = split_location(text)
     try:
         fs, base = _filesystem(f"{authority}/{query}")
     except (OSError, ValueError) as exc:
@@ -99,7 +108,7 @@ def join(location: str | Path, *parts: str) -> str:
     text = normalize(location)
     if not is_uri(text):
         return os.path.join(text, *parts)
-    authority, path, query = _split(text)
+    authority, path, query = split_location(text)
     joined = posixpath.join(path, *parts) if path else posixpath.join(*parts)
     return f"{authority}/{joined}{query}"
 
@@ -108,7 +117,7 @@ def name(location: str | Path) -> str:
     """The last component of a location."""
     text = normalize(location)
     if is_uri(text):
-        return posixpath.basename(_split(text)[1])
+        return posixpath.basename(split_location(text)[1])
     return os.path.basename(text)
 
 
@@ -148,7 +157,7 @@ def _to_location(location: str, fs_path: str) -> str:
     """A path inside `location`'s filesystem back to a location string."""
     if not is_uri(location):
         return fs_path
-    authority, _, query = _split(location)
+    authority, _, query = split_location(location)
     fs_root = _filesystem(f"{authority}/{query}")[1]
     return f"{authority}/{fs_path[len(fs_root):].lstrip('/')}{query}"
 
@@ -251,9 +260,11 @@ def read_bytes(location: str | Path) -> bytes:
             raise StorageError(f"{text}: no such file", not_found=True) from None
         except OSError as exc:
             raise StorageError(f"{text}: {exc.strerror or first_line(exc)}") from None
-    target = _object_store(text)
+    from clfsys import objectstore
+
+    target = objectstore.target(text)
     if target is not None:  # one GET, where pyarrow's stream would ask for the size first
-        outcome = _on_loop(_get(text, *target, attempts=1, first_wait_s=0))
+        outcome = objectstore.read_all([text], [target], attempts=1, first_wait_s=0)[0]
         if isinstance(outcome, StorageError):
             raise outcome
         return outcome
@@ -277,9 +288,11 @@ def read_many(locations: list[str], *, attempts: int = 4,
     read 32 at a time through 10 ms of added latency each way went from 323-333/s (a pyarrow
     thread per read) to 822-847/s. Other URIs go through pyarrow in threads; local files are
     read one by one."""
-    targets = [_object_store(loc) for loc in locations]
+    from clfsys import objectstore
+
+    targets = [objectstore.target(loc) for loc in locations]
     if locations and all(targets):
-        return _on_loop(_get_all(locations, targets, attempts, first_wait_s))
+        return objectstore.read_all(locations, targets, attempts, first_wait_s)
 
     def one(location: str) -> bytes | StorageError:
         try:
@@ -292,109 +305,6 @@ def read_many(locations: list[str], *, attempts: int = 4,
         return [one(loc) for loc in locations]
     with ThreadPoolExecutor(len(locations), thread_name_prefix="read") as pool:
         return list(pool.map(one, locations))
-
-
-def _object_store(location: str):
-    """(obstore store, key) for an s3:// location whose configuration obstore can take over
-    from pyarrow's (keys, endpoint, region); None otherwise (then pyarrow reads it)."""
-    if not location.startswith("s3://"):
-        return None
-    authority, path, query = _split(location)
-    try:
-        store = _s3_store(f"{authority}/{query}")
-    except StorageError:  # pyarrow's read then says why
-        return None
-    return (store, path) if store is not None else None
-
-
-@functools.lru_cache(maxsize=64)
-def _s3_store(root: str):
-    try:
-        import obstore.store
-    except ImportError:
-        return None
-    fs, _bucket = resolve(root)
-    if type(fs).__name__ != "S3FileSystem":
-        return None
-    options = fs.__reduce__()[1][0]  # what pyarrow made of the URI's query and the environment
-    if options["anonymous"] or options["role_arn"] or options["proxy_options"]["host"] or \
-            options["session_token"]:
-        return None
-    endpoint = options["endpoint_override"]
-    if endpoint and "://" not in endpoint:
-        endpoint = f"{options['scheme']}://{endpoint}"
-    config = {"region": options["region"] or os.environ.get("AWS_REGION") or
-              os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
-    if endpoint:
-        config["endpoint"] = endpoint
-    key = options["access_key"] or os.environ.get("AWS_ACCESS_KEY_ID")
-    secret = options["secret_key"] or os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        config.update(access_key_id=key, secret_access_key=secret)
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            config["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    bucket = urlsplit(root).netloc
-    from datetime import timedelta
-
-    return obstore.store.S3Store(
-        bucket, config=config, retry_config={"max_retries": 0},  # retried here, as elsewhere
-        client_options={"allow_http": endpoint.startswith("http://"),
-                        "connect_timeout": timedelta(seconds=10),
-                        "timeout": timedelta(seconds=120)})
-
-
-async def _get_all(locations, targets, attempts: int, first_wait_s: float) -> list:
-    import asyncio
-
-    return await asyncio.gather(*(_get(loc, store, key, attempts, first_wait_s)
-                                  for loc, (store, key) in zip(locations, targets, strict=True)))
-
-
-async def _get(location: str, store, key: str, attempts: int,
-               first_wait_s: float) -> bytes | StorageError:
-    """One object with one GET, retried with backoff; its StorageError when that fails."""
-    import asyncio
-
-    import obstore
-    from obstore.exceptions import NotFoundError
-
-    wait = first_wait_s
-    for attempt in range(1, attempts + 1):
-        try:
-            return bytes(await (await obstore.get_async(store, key)).bytes_async())
-        except (NotFoundError, FileNotFoundError):
-            return StorageError(f"{location}: no such file", not_found=True)
-        except Exception as exc:  # obstore's errors, timeouts, connection failures
-            if attempt == attempts:
-                return StorageError(f"{location}: {_object_store_reason(exc)}")
-        await asyncio.sleep(wait)
-        wait *= 2
-    raise AssertionError("unreachable")
-
-
-def _object_store_reason(exc: BaseException) -> str:
-    """obstore's first line without the request's URL and timing (so that failures group),
-    and the operating system's words for the cause, which only its debug dump holds."""
-    text = str(exc)
-    first = re.sub(r"Error performing \w+ \S+ in \S+ - ", "", first_line(exc))
-    cause = re.findall(r'message: "([^"]+)"', text)
-    return f"{first} ({cause[-1]})" if cause else first
-
-
-_loop: list = []
-
-
-def _on_loop(coroutine):
-    """Run `coroutine` on this process's I/O event loop (a daemon thread, started once), so it
-    works whether or not the caller's thread runs a loop of its own."""
-    import asyncio
-    import threading
-
-    if not _loop:
-        loop = asyncio.new_event_loop()
-        threading.Thread(target=loop.run_forever, name="storage-io", daemon=True).start()
-        _loop.append(loop)
-    return asyncio.run_coroutine_threadsafe(coroutine, _loop[0]).result()
 
 
 def read_text(location: str | Path) -> str:

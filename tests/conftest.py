@@ -155,8 +155,7 @@ def s3(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("s3")).start()
     saved = {k: os.environ.get(k) for k in server.env}
     os.environ.update(server.env)
-    storage._filesystem.cache_clear()
-    storage._s3_store.cache_clear()
+    storage.forget_clients()
     yield server
     server.stop()
     for key, value in saved.items():
@@ -164,5 +163,4 @@ def s3(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    storage._filesystem.cache_clear()
-    storage._s3_store.cache_clear()
+    storage.forget_clients()

@@ -134,3 +134,18 @@ def test_help_and_docs_name_the_same_flags(name, capsys):
     documented = {first.strip("`") for _, context, first, _ in
                   table_rows("| flag | default | meaning |") if f"clfsys {name}" in context}
     assert listed == documented
+
+
+def test_the_readme_places_every_module():
+    """Each module of clfsys/ is in the README's "Where the code is" table, and every module
+    that table names exists."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("Where the code is"):]
+    end = table.find("\n\n", table.index("| concern |"))
+    table = table if end < 0 else table[:end]
+    named = set(re.findall(r"`(\w+\.py)`", table))
+    modules = {p.name for p in (ROOT / "clfsys").glob("*.py")} - {"__init__.py", "__main__.py"}
+    assert modules - named == set(), "modules missing from the README's table"
+    assert named - modules == set(), "the README's table names modules that do not exist"
+    http = {p.stem for p in (ROOT / "clfsys" / "http").glob("*.py")} - {"__init__"}
+    assert http <= set(re.findall(r"`(\w+)`", table)), "http/ modules missing from the table"

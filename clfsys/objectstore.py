@@ -1,0 +1,124 @@
+"""Reads from S3 through obstore: one GET per object (no HEAD first), many at once over pooled
+connections, retried with backoff, on one event loop per process. storage.read_bytes and
+storage.read_many use it where `target` can take over pyarrow's configuration of a location;
+every other location is read through pyarrow there."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from urllib.parse import urlsplit
+
+from clfsys.errors import first_line
+from clfsys.storage import StorageError, resolve, split_location
+
+
+def read_all(locations: list[str], targets: list, attempts: int,
+             first_wait_s: float) -> list[bytes | StorageError]:
+    """Each location's bytes (`targets` from `target`), or the StorageError of its last attempt,
+    in order; all requested at once."""
+    return _on_loop(_get_all(locations, targets, attempts, first_wait_s))
+
+
+def target(location: str):
+    """(obstore store, key) for an s3:// location whose configuration obstore can take over
+    from pyarrow's (keys, endpoint, region); None otherwise (then pyarrow reads it)."""
+    if not location.startswith("s3://"):
+        return None
+    authority, path, query = split_location(location)
+    try:
+        store = s3_store(f"{authority}/{query}")
+    except StorageError:  # pyarrow's read then says why
+        return None
+    return (store, path) if store is not None else None
+
+
+@functools.lru_cache(maxsize=64)
+def s3_store(root: str):
+    try:
+        import obstore.store
+    except ImportError:
+        return None
+    fs, _bucket = resolve(root)
+    if type(fs).__name__ != "S3FileSystem":
+        return None
+    options = fs.__reduce__()[1][0]  # what pyarrow made of the URI's query and the environment
+    if options["anonymous"] or options["role_arn"] or options["proxy_options"]["host"] or \
+            options["session_token"]:
+        return None
+    endpoint = options["endpoint_override"]
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{options['scheme']}://{endpoint}"
+    config = {"region": options["region"] or os.environ.get("AWS_REGION") or
+              os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        config["endpoint"] = endpoint
+    key = options["access_key"] or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = options["secret_key"] or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        config.update(access_key_id=key, secret_access_key=secret)
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            config["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    bucket = urlsplit(root).netloc
+    from datetime import timedelta
+
+    return obstore.store.S3Store(
+        bucket, config=config, retry_config={"max_retries": 0},  # retried here, as elsewhere
+        client_options={"allow_http": endpoint.startswith("http://"),
+                        "connect_timeout": timedelta(seconds=10),
+                        "timeout": timedelta(seconds=120)})
+
+
+async def _get_all(locations, targets, attempts: int, first_wait_s: float) -> list:
+    import asyncio
+
+    return await asyncio.gather(*(_get(loc, store, key, attempts, first_wait_s)
+                                  for loc, (store, key) in zip(locations, targets, strict=True)))
+
+
+async def _get(location: str, store, key: str, attempts: int,
+               first_wait_s: float) -> bytes | StorageError:
+    """One object with one GET, retried with backoff; its StorageError when that fails."""
+    import asyncio
+
+    import obstore
+    from obstore.exceptions import NotFoundError
+
+    wait = first_wait_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return bytes(await (await obstore.get_async(store, key)).bytes_async())
+        except (NotFoundError, FileNotFoundError):
+            return StorageError(f"{location}: no such file", not_found=True)
+        except Exception as exc:  # obstore's errors, timeouts, connection failures
+            if attempt == attempts:
+                return StorageError(f"{location}: {_object_store_reason(exc)}")
+        await asyncio.sleep(wait)
+        wait *= 2
+    raise AssertionError("unreachable")
+
+
+def _object_store_reason(exc: BaseException) -> str:
+    """obstore's first line without the request's URL and timing (so that failures group),
+    and the operating system's words for the cause, which only its debug dump holds."""
+    text = str(exc)
+    first = re.sub(r"Error performing \w+ \S+ in \S+ - ", "", first_line(exc))
+    cause = re.findall(r'message: "([^"]+)"', text)
+    return f"{first} ({cause[-1]})" if cause else first
+
+
+_loop: list = []
+
+
+def _on_loop(coroutine):
+    """Run `coroutine` on this process's I/O event loop (a daemon thread, started once), so it
+    works whether or not the caller's thread runs a loop of its own."""
+    import asyncio
+    import threading
+
+    if not _loop:
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="storage-io", daemon=True).start()
+        _loop.append(loop)
+    return asyncio.run_coroutine_threadsafe(coroutine, _loop[0]).result()
