@@ -65,38 +65,26 @@ def asha_stops(location: str) -> dict[str, int]:
     return {k: int(v) for k, v in load_state(location).get("stopped", {}).items()}
 
 
-class PromotingASHA(FIFOScheduler):
-    """ASHA that pauses trials at rungs and promotes the top 1/reduction_factor."""
+class Rungs:
+    """PromotingASHA's records: the rungs (epochs), each rung's results, who was promoted from
+    it, who waits at it, who was stopped or failed; written to `state_file` on every change and
+    read back when a search resumes."""
 
-    def __init__(self, *, metric: str, mode: str, time_attr: str, max_t: int,
-                 grace_period: int, reduction_factor: int, state_file: str,
-                 max_concurrent: int | None = None,
-                 node_room: Callable[[], dict[str, float]] | None = None):
-        super().__init__()
-        self.max_t = max_t
-        self.node_room = node_room  # node id -> CPUs free there; None: never grow a trial
-        self.grown: dict[str, float] = {}  # trial id -> CPUs, for a trial paused to grow
-        self.base_cpus = math.inf  # every trial's own CPUs (the search gives all the same)
-        self.rank_metric, self.rank_mode, self.time_attr = metric, mode, time_attr
-        self.rf = reduction_factor
-        self.max_concurrent = max_concurrent
+    def __init__(self, *, grace_period: int, reduction_factor: int, max_t: int, mode: str,
+                 state_file: str):
+        self.rf, self.mode, self.state_file = reduction_factor, mode, state_file
         self.rungs: list[int] = []
         milestone = grace_period
         while milestone < max_t:
             self.rungs.append(milestone)
             milestone *= reduction_factor
-        self.state_file = state_file
         self.recorded: dict[int, dict[str, float]] = {r: {} for r in self.rungs}
         self.promoted: dict[int, list[str]] = {r: [] for r in self.rungs}
         self.paused_at: dict[str, int] = {}  # trial id -> rung, while it waits there
         self.stopped: dict[str, int] = {}  # trial id -> rung at which it was stopped
         self.failed: set[str] = set()  # errored for good: never promoted
 
-    # --- state ---------------------------------------------------------------------------
-
-    def set_search_properties(self, metric, mode, **spec) -> bool:
-        # Tune calls this before it adds any trial, also when a search resumes; the rung
-        # records of the interrupted run are read back here.
+    def load(self) -> None:
         saved = load_state(self.state_file)
         if saved:
             if saved["rungs"] != self.rungs:
@@ -107,13 +95,91 @@ class PromotingASHA(FIFOScheduler):
             self.paused_at = {k: int(v) for k, v in saved["paused_at"].items()}
             self.stopped = {k: int(v) for k, v in saved["stopped"].items()}
             self.failed = set(saved["failed"])
-        return True
 
-    def _save(self) -> None:
+    def save(self) -> None:
         storage.write_text(self.state_file, json.dumps({
             "rungs": self.rungs, "recorded": self.recorded, "promoted": self.promoted,
             "paused_at": self.paused_at, "stopped": self.stopped,
             "failed": sorted(self.failed)}, indent=1))
+
+    def record(self, rung: int, trial_id: str, value: float) -> None:
+        """A trial reached `rung` with `value`: it waits there."""
+        self.recorded[rung][trial_id] = value
+        self.paused_at[trial_id] = rung
+        self.save()
+
+    def leave(self, trial_id: str, failed: bool = False) -> None:
+        """The trial no longer waits at a rung (it completed, errored or was removed)."""
+        waited = self.paused_at.pop(trial_id, None) is not None
+        if failed:
+            self.failed.add(trial_id)
+        if waited or failed:
+            self.save()
+
+    def promote(self, rung: int, trial_id: str) -> None:
+        self.promoted[rung].append(trial_id)
+        del self.paused_at[trial_id]
+        self.save()
+
+    def stop(self, rung: int, trial_id: str) -> None:
+        del self.paused_at[trial_id]
+        self.stopped[trial_id] = rung
+        self.save()
+
+    def ranked(self, rung: int) -> list[str]:
+        """Trial ids recorded at `rung`, best first (ties: the first recorded first)."""
+        values = self.recorded[rung]
+        return sorted(values, key=values.__getitem__, reverse=self.mode == "max")
+
+    def waiting(self, rung: int, trials: dict[str, Trial]) -> list[str]:
+        """Paused trials waiting at `rung`, best first."""
+        return [t for t in self.ranked(rung) if self.paused_at.get(t) == rung
+                and t in trials and trials[t].status == Trial.PAUSED]
+
+    def due(self, rung: int, trials: dict[str, Trial]) -> str | None:
+        """A trial waiting at `rung` that ranks in the top 1/rf of the results recorded there
+        while promotions are left; a trial that errored takes no place in the top."""
+        allowed = len(self.recorded[rung]) // self.rf
+        if len(self.promoted[rung]) >= allowed:
+            return None
+        top = [t for t in self.ranked(rung) if t not in self.failed][:allowed]
+        waiting = set(self.waiting(rung, trials))
+        return next((t for t in top if t in waiting), None)
+
+    def slots(self, rung: int) -> int:
+        """Promotions left at `rung` when it is decided for good (at least one in all)."""
+        return max(0, max(1, len(self.recorded[rung]) // self.rf) - len(self.promoted[rung]))
+
+
+class PromotingASHA(FIFOScheduler):
+    """ASHA that pauses trials at rungs and promotes the top 1/reduction_factor (the records
+    are a `Rungs`); it also grows the last trial standing."""
+
+    def __init__(self, *, metric: str, mode: str, time_attr: str, max_t: int,
+                 grace_period: int, reduction_factor: int, state_file: str,
+                 max_concurrent: int | None = None,
+                 node_room: Callable[[], dict[str, float]] | None = None):
+        super().__init__()
+        self.max_t = max_t
+        self.node_room = node_room  # node id -> CPUs free there; None: never grow a trial
+        self.grown: dict[str, float] = {}  # trial id -> CPUs, for a trial paused to grow
+        self.base_cpus = math.inf  # every trial's own CPUs (the search gives all the same)
+        self.rank_metric, self.time_attr = metric, time_attr
+        self.max_concurrent = max_concurrent
+        self.records = Rungs(grace_period=grace_period, reduction_factor=reduction_factor,
+                             max_t=max_t, mode=mode, state_file=state_file)
+        self.rungs = self.records.rungs
+
+    # The records, as tests and debug_string read them.
+    recorded = property(lambda self: self.records.recorded)
+    promoted = property(lambda self: self.records.promoted)
+    paused_at = property(lambda self: self.records.paused_at)
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        # Tune calls this before it adds any trial, also when a search resumes; the rung
+        # records of the interrupted run are read back here.
+        self.records.load()
+        return True
 
     # --- trial events --------------------------------------------------------------------
 
@@ -131,45 +197,19 @@ class PromotingASHA(FIFOScheduler):
             return self._grow(tune_controller, trial, result)
         if trial.trial_id in self.recorded[milestone]:
             return TrialScheduler.CONTINUE  # resumed from this rung
-        self.recorded[milestone][trial.trial_id] = float(value)
-        self.paused_at[trial.trial_id] = milestone
-        self._save()
+        self.records.record(milestone, trial.trial_id, float(value))
         return TrialScheduler.PAUSE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict[str, Any]) -> None:
-        if self.paused_at.pop(trial.trial_id, None) is not None:
-            self._save()
+        self.records.leave(trial.trial_id)
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
-        self.paused_at.pop(trial.trial_id, None)
-        self.failed.add(trial.trial_id)
-        self._save()
+        self.records.leave(trial.trial_id, failed=True)
 
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:
-        if self.paused_at.pop(trial.trial_id, None) is not None:
-            self._save()
+        self.records.leave(trial.trial_id)
 
     # --- what runs next ------------------------------------------------------------------
-
-    def _ranked(self, rung: int) -> list[str]:
-        """Trial ids recorded at `rung`, best first (ties: the first recorded first)."""
-        values = self.recorded[rung]
-        return sorted(values, key=values.__getitem__, reverse=self.rank_mode == "max")
-
-    def _waiting(self, rung: int, trials: dict[str, Trial]) -> list[str]:
-        """Paused trials waiting at `rung`, best first."""
-        return [t for t in self._ranked(rung) if self.paused_at.get(t) == rung
-                and t in trials and trials[t].status == Trial.PAUSED]
-
-    def _due(self, rung: int, trials: dict[str, Trial]) -> str | None:
-        """A trial waiting at `rung` that ranks in the top 1/rf of the results recorded there
-        while promotions are left; a trial that errored takes no place in the top."""
-        allowed = len(self.recorded[rung]) // self.rf
-        if len(self.promoted[rung]) >= allowed:
-            return None
-        top = [t for t in self._ranked(rung) if t not in self.failed][:allowed]
-        waiting = set(self._waiting(rung, trials))
-        return next((t for t in top if t in waiting), None)
 
     def _capacity(self, tune_controller, trials: list[Trial]) -> int:
         """How many trials may run at once: max_concurrent, or as many as the cluster's CPUs
@@ -195,7 +235,7 @@ class PromotingASHA(FIFOScheduler):
         others = [t for t in listed if t is not trial and (
             t.status in (Trial.RUNNING, Trial.PENDING)
             or (t.status == Trial.PAUSED and t.trial_id not in self.paused_at))]
-        if others or any(self._due(rung, trials) for rung in self.rungs):
+        if others or any(self.records.due(rung, trials) for rung in self.rungs):
             return TrialScheduler.CONTINUE
         room = self.node_room()
         here = _cpus(trial) + room.get(result["node_id"], 0.0)
@@ -213,12 +253,6 @@ class PromotingASHA(FIFOScheduler):
             trial.update_resources({**resources, "CPU": cpus})
         return trial
 
-    def _promote(self, rung: int, trial: Trial) -> Trial:
-        self.promoted[rung].append(trial.trial_id)
-        del self.paused_at[trial.trial_id]
-        self._save()
-        return trial
-
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         trial = self._choose(tune_controller)
         return None if trial is None else self._resize(trial)
@@ -230,7 +264,7 @@ class PromotingASHA(FIFOScheduler):
         parked = [t for t in listed if t.status == Trial.PAUSED and t.trial_id not in
                   self.paused_at]
         for trial in parked:
-            if trial.trial_id in self.stopped:  # a resumed search: stopped before the kill
+            if trial.trial_id in self.records.stopped:  # resumed: stopped before the kill
                 tune_controller.stop_trial(trial)
                 return None
         if busy >= self._capacity(tune_controller, listed):
@@ -242,9 +276,10 @@ class PromotingASHA(FIFOScheduler):
                 return trial
         # 2. Due promotions, best rung first.
         for rung in reversed(self.rungs):
-            trial_id = self._due(rung, trials)
+            trial_id = self.records.due(rung, trials)
             if trial_id is not None:
-                return self._promote(rung, trials[trial_id])
+                self.records.promote(rung, trial_id)
+                return trials[trial_id]
         # 3. A new configuration, in the order the searcher gave them.
         if parked:
             return min(parked, key=lambda t: t.trial_id)
@@ -252,24 +287,18 @@ class PromotingASHA(FIFOScheduler):
             return None
         # 4. Nothing to start and nothing running: decide the lowest rung with waiting trials.
         for rung in self.rungs:
-            waiting = self._waiting(rung, trials)
+            waiting = self.records.waiting(rung, trials)
             if not waiting:
                 continue
-            slots = max(0, max(1, len(self.recorded[rung]) // self.rf)
-                        - len(self.promoted[rung]))
+            slots = self.records.slots(rung)
             for trial_id in waiting[slots:]:
-                self._stop(tune_controller, trials[trial_id], rung)
+                self.records.stop(rung, trial_id)
+                tune_controller.stop_trial(trials[trial_id])
             for trial_id in waiting[:slots]:
-                self._promote(rung, trials[trial_id])
+                self.records.promote(rung, trial_id)
             if slots:
                 return trials[waiting[0]]
         return None
-
-    def _stop(self, tune_controller, trial: Trial, rung: int) -> None:
-        del self.paused_at[trial.trial_id]
-        self.stopped[trial.trial_id] = rung
-        self._save()
-        tune_controller.stop_trial(trial)
 
     def debug_string(self) -> str:
         rungs = ", ".join(f"{r}: {len(self.recorded[r])} in, {len(self.promoted[r])} on"
