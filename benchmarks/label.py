@@ -195,9 +195,12 @@ def prepare(work: Path, copies: int) -> dict[str, tuple[Path, Path]]:
             subprocess.run([sys.executable, "-m", "clfsys.cli", "export-images", "--split",
                             split, "--out", str(fm / split)], cwd=ROOT, check=True,
                            stdout=subprocess.DEVNULL)
+    from clfsys.images import is_image_path
+
     photos = work / f"hymenoptera_x{copies}"
     if not photos.exists():
-        originals = sorted(p for p in HYMENOPTERA.rglob("*") if p.is_file())
+        originals = sorted(p for p in HYMENOPTERA.rglob("*")  # the photos, not README.md
+                           if p.is_file() and is_image_path(p))
         for copy in range(copies):
             for p in originals:
                 target = photos / f"copy{copy}" / p.relative_to(HYMENOPTERA)
