@@ -401,8 +401,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def replace(self, **overrides: Any) -> Config:
-        """A copy with dotted-key overrides applied, e.g. replace(**{"train.lr": 0.01})."""
+        """A copy with dotted-key overrides applied, e.g. replace(**{"train.lr": 0.01}). The
+        model's parameters belong to its arch: overriding `model.arch` with another one gives
+        that arch's defaults for every parameter the overrides do not set."""
         raw = self.to_dict()
+        if overrides.get("model.arch", self.model.arch) != self.model.arch:
+            raw["model"].update(dict.fromkeys(ARCH_PARAM_NAMES))
         for key, value in overrides.items():
             _set_dotted(raw, key, value)
         return from_dict(raw)

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from clfsys.config import ARCH_PARAM_NAMES, Config
+from clfsys.config import Config
 from clfsys.errors import ConfigError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -116,14 +116,9 @@ def overrides(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_config(base: Config, sample: dict[str, Any]) -> Config:
-    """The config of one trial, complete and checked: `base` with the sample's overrides. The
-    base's architecture parameters belong to its `model.arch`: a sample of another architecture
-    takes that architecture's defaults for the parameters the sample does not set."""
-    chosen = overrides(sample)
-    if chosen.get(ARCH_KEY, base.model.arch) != base.model.arch:
-        for name in ARCH_PARAM_NAMES:
-            chosen.setdefault(f"model.{name}", None)
-    return base.replace(**chosen)
+    """The config of one trial, complete and checked: `base` with the sample's overrides (a
+    sample of another architecture takes that architecture's defaults, see Config.replace)."""
+    return base.replace(**overrides(sample))
 
 
 def _corner(params: list[Param], arch: Any, end: int) -> dict[str, Any]:

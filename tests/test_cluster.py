@@ -344,7 +344,10 @@ def test_a_search_on_s3_survives_a_lost_node(cluster, s3, tmp_path):
         with open(tmp_path / "search.log", "w") as output:
             driver = subprocess.Popen(command, cwd=ROOT, env=cluster.client_env, stdout=output,
                                       stderr=output, start_new_session=True)
-            # One trial per node (2 CPUs each): killed once both trials have begun epoch 2.
+            # One trial per node (2 CPUs each): the node is killed once both trials have begun
+            # and the first has begun epoch 2. No trial can have finished then (3 epochs each),
+            # so the worker's trial dies mid-run. (Waiting until both had begun epoch 2 let the
+            # worker's trial, started first, finish before the kill under load.)
             deadline = time.monotonic() + 400
             before: dict[str, list[int]] = {}
             while time.monotonic() < deadline and driver.poll() is None:
@@ -352,9 +355,10 @@ def test_a_search_on_s3_survives_a_lost_node(cluster, s3, tmp_path):
                     before = epochs_begun(log)
                 except Exception:
                     before = {}
-                if sum(2 in epochs for epochs in before.values()) >= 2:
+                if len(before) == 2 and any(2 in epochs for epochs in before.values()):
                     break
                 time.sleep(0.3)
+            assert driver.poll() is None, "the search ended before the node could be killed"
             cluster.kill_worker()
             driver.wait(timeout=600)
         text = (tmp_path / "search.log").read_text()

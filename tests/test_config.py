@@ -43,6 +43,9 @@ def test_the_model_config_is_complete_and_survives_a_round_trip():
     cfg = load_config(None, ["model.arch=cnn_bn", "model.dense=64"])
     assert (cfg.model.filters, cfg.model.dense, cfg.model.units) == ([32, 32], 64, None)
     assert Config.replace(cfg) == cfg and cfg.replace(**{"train.lr": 0.01}).model == cfg.model
+    # Another arch takes its own defaults, except what the overrides set.
+    mlp = cfg.replace(**{"model.arch": "mlp", "model.dropout": 0.1})
+    assert (mlp.model.units, mlp.model.dropout, mlp.model.filters) == ([350], 0.1, None)
 
 
 def test_cosine_decay_and_the_plateau_schedule_exclude_each_other():
