@@ -170,7 +170,7 @@ class PromotingASHA(FIFOScheduler):
                              max_t=max_t, mode=mode, state_file=state_file)
         self.rungs = self.records.rungs
 
-    # The records, as tests and debug_string read them.
+    # The records this class and the tests read; Rungs' methods change them.
     recorded = property(lambda self: self.records.recorded)
     promoted = property(lambda self: self.records.promoted)
     paused_at = property(lambda self: self.records.paused_at)
