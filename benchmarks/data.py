@@ -146,19 +146,19 @@ def streaming(args) -> dict:
 
 def decode_work(args) -> dict:
     """Count every decode in the search's driver; trials receive shards and cannot decode."""
-    from clfsys import data
+    from clfsys import folders
     from clfsys.config import load_config
     from clfsys.search import run_search
 
     folder = generate(Path(args.out) / "folder-decode", 3000, 64)
     calls = []
-    real = data._decode_file
+    real = folders.decode_file
 
     def counting(path, size, cfg):
         calls.append(path)
         return real(path, size, cfg)
 
-    data._decode_file = counting
+    folders.decode_file = counting
     cfg = load_config(None, []).replace(**{
         "data.dataset": "folder", "data.path": str(folder), "data.image_size": [64, 64],
         "data.cache": "disk", "data.memory_budget_mb": 8, "model.arch": "cnn",

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from clfsys.errors import ConfigError, first_line
-from clfsys.options import build
+from clfsys.options import build, check
+from clfsys.tune_config import TuneConfig
 
 DATASETS = ("fashion_mnist", "csv", "folder")
 COLOR_MODES = ("grayscale", "rgb")
@@ -47,12 +48,6 @@ ARCH_PARAMS: dict[str, dict[str, Any]] = {
 has exactly these set, the rest None. An architecture is this line plus its builder in
 models.ARCHITECTURES; a new parameter is a field of ModelConfig plus its default here."""
 ARCH_PARAM_NAMES = tuple(dict.fromkeys(name for p in ARCH_PARAMS.values() for name in p))
-
-
-def _check(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        shown = int(value) if isinstance(value, float) and value.is_integer() else value
-        raise ConfigError(f"{key} {rule}, got {shown!r}")
 
 
 @dataclass(frozen=True)
@@ -98,26 +93,26 @@ class DataConfig:
     """Seed of the stratified splits."""
 
     def __post_init__(self) -> None:
-        _check(self.dataset in DATASETS, "data.dataset", f"must be one of {list(DATASETS)}",
+        check(self.dataset in DATASETS, "data.dataset", f"must be one of {list(DATASETS)}",
                self.dataset)
         if self.dataset in ("csv", "folder"):
-            _check(bool(self.path), "data.path", f"is required for dataset {self.dataset!r}",
+            check(bool(self.path), "data.path", f"is required for dataset {self.dataset!r}",
                    self.path)
-        _check(len(self.image_size) == 2 and all(s > 0 for s in self.image_size),
+        check(len(self.image_size) == 2 and all(s > 0 for s in self.image_size),
                "data.image_size", "must be [height, width] with positive sizes", self.image_size)
-        _check(self.color_mode in COLOR_MODES, "data.color_mode",
+        check(self.color_mode in COLOR_MODES, "data.color_mode",
                f"must be one of {list(COLOR_MODES)}", self.color_mode)
-        _check(self.resize in RESIZE_MODES, "data.resize", f"must be one of {list(RESIZE_MODES)}",
+        check(self.resize in RESIZE_MODES, "data.resize", f"must be one of {list(RESIZE_MODES)}",
                self.resize)
-        _check(0 < self.val_fraction < 1, "data.val_fraction", "must be in (0, 1)",
+        check(0 < self.val_fraction < 1, "data.val_fraction", "must be in (0, 1)",
                self.val_fraction)
-        _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)",
+        check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)",
                self.test_fraction)
         if self.limit is not None:
-            _check(self.limit > 0, "data.limit", "must be > 0", self.limit)
-        _check(self.cache in CACHE_MODES, "data.cache", f"must be one of {list(CACHE_MODES)}",
+            check(self.limit > 0, "data.limit", "must be > 0", self.limit)
+        check(self.cache in CACHE_MODES, "data.cache", f"must be one of {list(CACHE_MODES)}",
                self.cache)
-        _check(self.memory_budget_mb > 0, "data.memory_budget_mb", "must be > 0",
+        check(self.memory_budget_mb > 0, "data.memory_budget_mb", "must be > 0",
                self.memory_budget_mb)
 
 
@@ -155,7 +150,7 @@ class ModelConfig:
     """Random horizontal flip when augment is on."""
 
     def __post_init__(self) -> None:
-        _check(self.arch in ARCH_PARAMS, "model.arch", f"must be one of {sorted(ARCH_PARAMS)}",
+        check(self.arch in ARCH_PARAMS, "model.arch", f"must be one of {sorted(ARCH_PARAMS)}",
                self.arch)
         takes = ARCH_PARAMS[self.arch]
         for name in ARCH_PARAM_NAMES:
@@ -167,23 +162,23 @@ class ModelConfig:
         for key in ("units", "filters"):
             value = getattr(self, key)
             if value is not None:
-                _check(len(value) > 0 and all(v > 0 for v in value), f"model.{key}",
+                check(len(value) > 0 and all(v > 0 for v in value), f"model.{key}",
                        "must be a non-empty list of positive integers", value)
         for key in ("kernel_size", "dense"):
             value = getattr(self, key)
             if value is not None:
-                _check(value > 0, f"model.{key}", "must be > 0", value)
+                check(value > 0, f"model.{key}", "must be > 0", value)
         for key in ("dropout", "dense_dropout"):
             value = getattr(self, key)
             if value is not None:
-                _check(0 <= value < 1, f"model.{key}", "must be in [0, 1)", value)
-        _check(0 <= self.zoom < 1, "model.zoom", "must be in [0, 1)", self.zoom)
+                check(0 <= value < 1, f"model.{key}", "must be in [0, 1)", value)
+        check(0 <= self.zoom < 1, "model.zoom", "must be in [0, 1)", self.zoom)
         if self.weights is not None:
-            _check(self.weights in ("imagenet", "none") or str(self.weights).endswith(".h5"),
+            check(self.weights in ("imagenet", "none") or str(self.weights).endswith(".h5"),
                    "model.weights", "must be imagenet, none, or a path or URI to a .weights.h5 "
                    "file", self.weights)
         if self.fine_tune_layers is not None:
-            _check(self.fine_tune_layers >= 0, "model.fine_tune_layers", "must be >= 0",
+            check(self.fine_tune_layers >= 0, "model.fine_tune_layers", "must be >= 0",
                    self.fine_tune_layers)
 
 
@@ -234,158 +229,31 @@ class TrainConfig:
     """Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch."""
 
     def __post_init__(self) -> None:
-        _check(self.optimizer in OPTIMIZERS, "train.optimizer",
+        check(self.optimizer in OPTIMIZERS, "train.optimizer",
                f"must be one of {list(OPTIMIZERS)}", self.optimizer)
-        _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
-        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
-        _check(self.batch_size > 0, "train.batch_size", "must be > 0", self.batch_size)
-        _check(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
-        _check(self.monitor in MONITORS, "train.monitor", f"must be one of {list(MONITORS)}",
+        check(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        check(self.batch_size > 0, "train.batch_size", "must be > 0", self.batch_size)
+        check(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
+        check(self.monitor in MONITORS, "train.monitor", f"must be one of {list(MONITORS)}",
                self.monitor)
-        _check(self.patience >= 0, "train.patience", "must be >= 0", self.patience)
+        check(self.patience >= 0, "train.patience", "must be >= 0", self.patience)
         if self.lr_plateau_patience is not None:
-            _check(self.lr_plateau_patience >= 1, "train.lr_plateau_patience", "must be >= 1",
+            check(self.lr_plateau_patience >= 1, "train.lr_plateau_patience", "must be >= 1",
                    self.lr_plateau_patience)
-        _check(0 < self.lr_plateau_factor < 1, "train.lr_plateau_factor", "must be in (0, 1)",
+        check(0 < self.lr_plateau_factor < 1, "train.lr_plateau_factor", "must be in (0, 1)",
                self.lr_plateau_factor)
-        _check(self.lr_decay in LR_DECAYS, "train.lr_decay", f"must be one of {list(LR_DECAYS)}",
+        check(self.lr_decay in LR_DECAYS, "train.lr_decay", f"must be one of {list(LR_DECAYS)}",
                self.lr_decay)
-        _check(self.lr_decay == "none" or self.lr_plateau_patience is None, "train.lr_decay",
+        check(self.lr_decay == "none" or self.lr_plateau_patience is None, "train.lr_decay",
                "cosine decay and the plateau schedule (train.lr_plateau_patience) exclude each "
                "other: unset one", self.lr_decay)
-        _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0",
+        check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0",
                self.warmup_epochs)
         if self.fine_tune_lr is not None:
-            _check(self.fine_tune_lr > 0, "train.fine_tune_lr", "must be > 0", self.fine_tune_lr)
-        _check(self.verbose in (0, 1, 2), "train.verbose", "must be 0, 1 or 2", self.verbose)
-
-
-SEARCHERS = ("random", "optuna")
-SCHEDULERS = ("asha", "async_asha", "none")
-LATENCY_BATCHES = (1, 32)
-
-
-@dataclass(frozen=True)
-class ResourcesConfig:
-    """Resources of one trial; fractional GPUs share a card (TF memory growth is on)."""
-
-    cpu: float = 1.0
-    gpu: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check(self.cpu > 0, "tune.resources.cpu", "must be > 0", self.cpu)
-        _check(self.gpu >= 0, "tune.resources.gpu", "must be >= 0", self.gpu)
-
-
-@dataclass(frozen=True)
-class SelectConfig:
-    """Constraints the best bundle must meet, on costs every trial measures on its own device
-    (trials.csv: ms_per_image_b1, ms_per_image_b32, params, model_mb). The best bundle is the
-    most accurate trial that meets them all; unset, accuracy alone decides."""
-
-    max_latency_ms: float | None = None
-    """At most this many milliseconds per image at batch size `latency_batch`."""
-    latency_batch: int = 1
-    """Which measured latency `max_latency_ms` limits: 1 (one request) or 32 (batched)."""
-    max_params: int | None = None
-    """At most this many model parameters."""
-    max_model_mb: float | None = None
-    """At most this large a model.keras, in MB."""
-
-    def __post_init__(self) -> None:
-        for key in ("max_latency_ms", "max_params", "max_model_mb"):
-            value = getattr(self, key)
-            if value is not None:
-                _check(value > 0, f"tune.select.{key}", "must be > 0", value)
-        _check(self.latency_batch in LATENCY_BATCHES, "tune.select.latency_batch",
-               f"must be one of {list(LATENCY_BATCHES)}", self.latency_batch)
-
-    def limits(self) -> dict[str, float]:
-        """trials.csv column -> the largest value allowed there."""
-        columns = {"max_latency_ms": f"ms_per_image_b{self.latency_batch}",
-                   "max_params": "params", "max_model_mb": "model_mb"}
-        return {column: getattr(self, key) for key, column in columns.items()
-                if getattr(self, key) is not None}
-
-
-@dataclass(frozen=True)
-class MlflowConfig:
-    """Experiment tracking in MLflow (needs `pip install 'clfsys[mlflow]'`)."""
-
-    enabled: bool = False
-    """Log the search as a parent run, each trial as a child run, the best bundle as artifacts."""
-    tracking_uri: str | None = None
-    """Tracking server or store; default sqlite:///<out>/mlflow.db (a local --out only)."""
-    experiment: str = "clfsys"
-    """MLflow experiment name."""
-
-    def __post_init__(self) -> None:
-        _check(bool(self.experiment), "tune.mlflow.experiment", "must not be empty",
-               self.experiment)
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """Architecture / learning-rate search on Ray Tune (`clfsys tune`)."""
-
-    space: dict[str, Any] = field(default_factory=dict)
-    """Search space: dotted config key -> {choice|uniform|loguniform|randint: ...} or a value;
-    `model.arch` maps each architecture to its own (conditional) parameters."""
-    searcher: str = "random"
-    """random (seeded) or optuna (TPE)."""
-    num_samples: int = 12
-    """Trials to sample."""
-    max_concurrent_trials: int | None = None
-    """At most this many trials at once (default: as many as resources allow)."""
-    time_budget_s: float | None = None
-    """Stop starting and running trials after this many seconds."""
-    seed: int = 0
-    """Seed of the searcher."""
-    startup_trials: int = 10
-    """optuna: configurations sampled at random before TPE models the results (Optuna's
-    default); TPE chooses every later one."""
-    scheduler: str = "asha"
-    """asha (pause trials at rungs, promote the top 1/reduction_factor), async_asha (Ray's
-    AsyncHyperBandScheduler: decide at each rung on arrival) or none (all run to max_epochs)."""
-    max_epochs: int = 12
-    """Epochs per trial at most (replaces train.epochs)."""
-    grace_period: int = 2
-    """ASHA: epochs every trial gets before it may be stopped."""
-    reduction_factor: int = 3
-    """ASHA: keep the top 1/reduction_factor at each rung."""
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    max_failures: int = 1
-    """Retries of a failed trial, resumed from its last checkpoint."""
-    storage_path: str | None = None
-    """Where Tune keeps trial state, checkpoints and each trial's logs: storage every node
-    reaches (s3://..., gs://...) on a multi-node cluster; default <out>/ray."""
-    storage_shared: bool = False
-    """Declare a local tune.storage_path shared by every node (an NFS mount); without it, a
-    local path is refused on a cluster of more than one node."""
-    select: SelectConfig = field(default_factory=SelectConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-
-    def __post_init__(self) -> None:
-        _check(self.searcher in SEARCHERS, "tune.searcher", f"must be one of {list(SEARCHERS)}",
-               self.searcher)
-        _check(self.scheduler in SCHEDULERS, "tune.scheduler",
-               f"must be one of {list(SCHEDULERS)}", self.scheduler)
-        _check(self.num_samples > 0, "tune.num_samples", "must be > 0", self.num_samples)
-        _check(self.startup_trials >= 1, "tune.startup_trials", "must be >= 1",
-               self.startup_trials)
-        if self.max_concurrent_trials is not None:
-            _check(self.max_concurrent_trials > 0, "tune.max_concurrent_trials", "must be > 0",
-                   self.max_concurrent_trials)
-        if self.time_budget_s is not None:
-            _check(self.time_budget_s > 0, "tune.time_budget_s", "must be > 0",
-                   self.time_budget_s)
-        _check(self.max_epochs > 0, "tune.max_epochs", "must be > 0", self.max_epochs)
-        _check(1 <= self.grace_period <= self.max_epochs, "tune.grace_period",
-               "must be between 1 and tune.max_epochs", self.grace_period)
-        _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2",
-               self.reduction_factor)
-        _check(self.max_failures >= 0, "tune.max_failures", "must be >= 0", self.max_failures)
+            check(self.fine_tune_lr > 0, "train.fine_tune_lr", "must be > 0", self.fine_tune_lr)
+        check(self.verbose in (0, 1, 2), "train.verbose", "must be 0, 1 or 2", self.verbose)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,13 @@ from typing import Any
 from clfsys.errors import ClfsysError, ConfigError
 
 
+def check(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Raise ConfigError("<key> <rule>, got <value>") unless `ok`."""
+    if not ok:
+        shown = int(value) if isinstance(value, float) and value.is_integer() else value
+        raise ConfigError(f"{key} {rule}, got {shown!r}")
+
+
 def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from clfsys import report, storage
 from clfsys.config import Config
-from clfsys.data import Dataset
+from clfsys.dataset import Dataset
 from clfsys.errors import DataError, IncompleteError
 from clfsys.scheduler import STATE_FILE, asha_stops
 from clfsys.space import overrides, trial_config

@@ -20,7 +20,7 @@ import numpy as np
 from clfsys import cache
 from clfsys import data as data_mod
 from clfsys.config import Config, TrainConfig
-from clfsys.data import Dataset
+from clfsys.dataset import Dataset
 from clfsys.models import BACKBONE_LAYER, BACKBONES, build_model
 
 

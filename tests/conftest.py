@@ -73,18 +73,18 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def decodes(monkeypatch):
-    """The files the real decode path (clfsys.data._decode_file) is called on, in this
+    """The files the real decode path (clfsys.folders.decode_file) is called on, in this
     process."""
-    from clfsys import data
+    from clfsys import folders
 
     seen: list[str] = []
-    real = data._decode_file
+    real = folders.decode_file
 
     def counting(path, size, cfg):
         seen.append(str(path))
         return real(path, size, cfg)
 
-    monkeypatch.setattr(data, "_decode_file", counting)
+    monkeypatch.setattr(folders, "decode_file", counting)
     return seen
 
 

@@ -2,19 +2,19 @@ import numpy as np
 import pytest
 from conftest import CLASSES, SHARED, needs_fashion_mnist, write_csv, write_folder
 
-from clfsys import data
+from clfsys import data, dataset
 from clfsys.config import DataConfig
 from clfsys.errors import ConfigError, DataError
 
 
 def test_stratified_split_keeps_class_proportions():
     y = np.repeat(np.arange(4), [100, 50, 20, 2])
-    kept, held = data.stratified_split(y, 0.1, seed=3)
+    kept, held = dataset.stratified_split(y, 0.1, seed=3)
     assert len(np.intersect1d(kept, held)) == 0 and len(kept) + len(held) == len(y)
     assert list(np.bincount(y[held])) == [10, 5, 2, 1]
-    again = data.stratified_split(y, 0.1, seed=3)
+    again = dataset.stratified_split(y, 0.1, seed=3)
     assert np.array_equal(held, again[1])
-    assert not np.array_equal(held, data.stratified_split(y, 0.1, seed=4)[1])
+    assert not np.array_equal(held, dataset.stratified_split(y, 0.1, seed=4)[1])
 
 
 def test_folder_dataset_recursive_rgb_and_grayscale(tmp_path):
@@ -142,14 +142,14 @@ def test_hymenoptera_photos_load():
 
 def test_stratified_sample_is_exact_proportional_and_seeded():
     y = np.repeat(np.arange(3), [60, 30, 10])
-    picked = data.stratified_sample(y, 20, seed=1)
+    picked = dataset.stratified_sample(y, 20, seed=1)
     assert len(picked) == 20 and len(np.unique(picked)) == 20
     assert list(np.bincount(y[picked])) == [12, 6, 2]
-    assert np.array_equal(picked, data.stratified_sample(y, 20, seed=1))
-    assert not np.array_equal(picked, data.stratified_sample(y, 20, seed=2))
-    assert list(np.bincount(y[data.stratified_sample(y, 4, seed=0)])) == [2, 1, 1]
-    assert list(np.bincount(y[data.stratified_sample(y, 7, seed=0)])) == [4, 2, 1]
-    assert len(data.stratified_sample(y, 500, seed=0)) == 100
+    assert np.array_equal(picked, dataset.stratified_sample(y, 20, seed=1))
+    assert not np.array_equal(picked, dataset.stratified_sample(y, 20, seed=2))
+    assert list(np.bincount(y[dataset.stratified_sample(y, 4, seed=0)])) == [2, 1, 1]
+    assert list(np.bincount(y[dataset.stratified_sample(y, 7, seed=0)])) == [4, 2, 1]
+    assert len(dataset.stratified_sample(y, 500, seed=0)) == 100
 
 
 def test_limit_on_a_folder_is_stratified_and_decodes_only_the_sample(tmp_path, decodes):

@@ -99,9 +99,9 @@ COUNT_DECODES = """
 # the trials. Each call of the one decode path is recorded with the process that made it.
 import os
 
-import clfsys.data as data
+import clfsys.folders as folders
 
-_real = data._decode_file
+_real = folders.decode_file
 
 
 def _counting(path, size, cfg):
@@ -110,7 +110,7 @@ def _counting(path, size, cfg):
     return _real(path, size, cfg)
 
 
-data._decode_file = _counting
+folders.decode_file = _counting
 """
 
 
