@@ -254,7 +254,7 @@ class Command:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(1)
+            time.sleep(0.25)
         raise AssertionError(self.tail())
 
     def line(self, prefix: str, timeout_s: float = 60) -> str:
