@@ -1,13 +1,15 @@
-"""The one way to declare options: frozen dataclasses. `build` makes one from a mapping of
-typed values (a YAML file, a Serve config's `args`), checking each value against its field's
-type with an error that names the key; the job config (config.py) and the commands' options both
-go through it. A command's options are fields made with `option(default, help)`: its CLI flags
-(`add_flags`), the object from parsed flags (`from_args`) and from the strings of `serve run ...
-key=value` (`from_values`) all come from the fields, so no default or type is written twice."""
+"""The one way to declare options: frozen dataclasses whose fields are made with
+`option(default, help)`, for the job config (config.py, tune_config.py) and the commands' options
+alike. `build` makes one from a mapping of typed values (a YAML file, a Serve config's `args`),
+checking each value against its field's type with an error that names the key. A command's CLI
+flags (`add_flags`), the object from parsed flags (`from_args`) and from the strings of `serve run
+... key=value` (`from_values`) all come from the fields, so no default or type is written twice;
+the job config's keys are set with `--set key=value` instead of a flag each."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -25,6 +27,9 @@ def check(ok: bool, key: str, rule: str, value: Any) -> None:
 
 
 def option(default: Any, help: str) -> Any:
+    """A field with its default and its help (a list or a mapping is copied for each object)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

@@ -84,7 +84,10 @@ def config_fields(cls, prefix: str = "") -> dict[str, object]:
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             found.update(config_fields(hints[f.name], f"{prefix}{f.name}."))
-        elif f.default is not dataclasses.MISSING:
+            continue
+        # Declared like every option, so the help travels with the field.
+        assert f.metadata.get("help"), f"{prefix}{f.name}: declare it with option(default, help)"
+        if f.default is not dataclasses.MISSING:
             found[prefix + f.name] = f.default
         else:
             found[prefix + f.name] = f.default_factory()
