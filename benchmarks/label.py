@@ -16,7 +16,10 @@ same run:
     (tests/infra.py's DelayProxy: the order of S3's first-byte latency for small objects),
   - the S3 reader alone (with S3): 2,000 of the first dataset's files read 32 at a time, through
     `storage.read_many` (obstore) and through pyarrow in a thread per read, with and without
-    the proxy.
+    the proxy;
+  - the S3 reads of a Ray Data pipeline (with S3): the same 2,000 objects read in one pipeline
+    by clfsys's decode-task reader (`label.read_files`) and by Ray's own concurrent downloader,
+    `ray.data.expressions.download` (alpha in Ray 2.60), with and without the proxy.
 Every file is read once before timing (a warm page cache for all). Each variant runs --repeats
 times (interleaved; the median run is reported), each run as its own process session; peak
 memory is the largest sum of the RSS of every process in that session (driver, Ray daemons and
@@ -244,6 +247,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "baseline":
         baseline(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "ray-reads":
+        ray_reads(sys.argv[2], sys.argv[3])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "daft":
         daft_job(sys.argv[2], sys.argv[3], sys.argv[4])
         return
@@ -252,7 +258,8 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=300, help="per-image loop: images")
     parser.add_argument("--photo-copies", type=int, default=25, help="(b): copies of the photos")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median)")
-    parser.add_argument("--only", choices=("a", "b"), help="run one dataset: (a) or (b)")
+    parser.add_argument("--only", choices=("a", "b", "reads"),
+                        help="run one dataset, (a) or (b), or only the S3 reads (needs S3)")
     parser.add_argument("--no-s3", action="store_true", help="leave out the S3 variant")
     parser.add_argument("--daft-python", help="the Daft environment's python (make bench-label "
                         "makes runs/bench/daft-env); without it the Daft variant is left out")
@@ -269,9 +276,16 @@ def main() -> None:
         s3 = S3Server(work / "s3").start()
         os.environ.update(s3.env)  # this process uploads; the variant's process inherits it
     try:
-        if not args.only:
-            report["driver writer alone"] = writer_side(work, s3)
-        run_all(args, work, report, s3)
+        if args.only == "reads":
+            if s3 is None:
+                parser.error("--only reads measures S3 reads: leave out --no-s3")
+            folder, _ = prepare(work, args.photo_copies)["(a) Fashion-MNIST PNGs"]
+            report["reads alone"] = reads_alone(s3, sorted(
+                str(p) for p in folder.rglob("*.png"))[:2000])
+        else:
+            if not args.only:
+                report["driver writer alone"] = writer_side(work, s3)
+            run_all(args, work, report, s3)
     finally:
         if s3 is not None:
             s3.stop()
@@ -340,11 +354,92 @@ def reads_alone(s3, files: list[str], in_flight: int = 32, repeats: int = 3) -> 
         os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
         storage.forget_clients()
         proxy.stop()
+    proxy = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]), DELAY_MS / 1000)
+    try:
+        rates["pipeline"] = pipeline_reads(keys, {"0 ms": s3.endpoint,
+                                                  f"{DELAY_MS} ms": proxy.url})
+    finally:
+        proxy.stop()
     print(f"\n## S3 reads alone: {len(keys)} objects, {in_flight} in flight, best of {repeats}")
     print(f"| reader                      | objects/s, 0 ms | objects/s, {DELAY_MS} ms each way |")
     print("|-----------------------------|-----------------|---------------------------|")
     for name, rate in rates.items():
-        print(f"| {name:<27} | {rate['0 ms']:>15,.0f} | {rate[f'{DELAY_MS} ms']:>25,.0f} |")
+        if name != "pipeline":
+            print(f"| {name:<27} | {rate['0 ms']:>15,.0f} | {rate[f'{DELAY_MS} ms']:>25,.0f} |")
+    return rates
+
+
+def ray_reads(reader: str, listing: str) -> None:
+    """One Ray Data pipeline that reads every object in `listing` and sums the bytes: with
+    `clfsys`, in decode tasks as `clfsys label` does (label.read_files, the breaker's window of
+    reads in flight per task); with `download`, through ray.data.expressions.download (Ray's
+    concurrent downloader: a metadata actor pool, then obstore) given the same filesystem.
+    Prints the objects, bytes, reads that failed, and the seconds from the first block to the
+    last (Ray's start left out)."""
+    import numpy as np
+    import ray
+
+    from clfsys import label, storage
+    from clfsys.cluster import init_ray
+
+    uris = Path(listing).read_text().split()
+    init_ray()
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    ds = ray.data.from_items([{"path": u} for u in uris], override_num_blocks=label.num_blocks(
+        len(uris), 512, ray.cluster_resources().get("CPU", 1)))
+    if reader == "download":
+        from ray.data.expressions import download
+
+        def sizes(batch):
+            # a read that failed is a null (NaN in a numpy batch): the downloader logs it only
+            return {"n": np.array([len(b) if isinstance(b, bytes) else -1
+                                   for b in batch["bytes"]])}
+
+        fs, _ = storage.resolve(uris[0])
+        ds = ds.with_column("bytes", download("path", filesystem=fs)).map_batches(
+            sizes, batch_format="numpy", num_cpus=label.TASK_CPUS)
+    else:
+        def sizes(batch):
+            read = label.read_files([str(p) for p in batch["path"]], label.ReadBreaker())
+            return {"n": np.array([len(b) if isinstance(b, bytes) else -1 for b in read])}
+
+        ds = ds.map_batches(sizes, batch_format="numpy", batch_size=512,
+                            num_cpus=label.TASK_CPUS)
+    started = time.perf_counter()
+    n = np.concatenate([b["n"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+    seconds = time.perf_counter() - started
+    print(json.dumps({"objects": len(n), "bytes": int(n[n > 0].sum()),
+                      "failed": int((n < 0).sum()), "seconds": seconds}))
+
+
+def pipeline_reads(keys: list[str], endpoints: dict[str, str], repeats: int = 2) -> dict:
+    """Objects/s of the two readers of a Ray Data pipeline (`ray_reads`), each run in its own
+    process and Ray instance, alternating; best of `repeats` at each added latency."""
+    listing = Path(os.environ.get("TMPDIR", "/tmp")) / "clfsys-bench-ray-reads.txt"
+    listing.write_text("\n".join(keys))
+    names = {"clfsys decode tasks (label.read_files)": "clfsys",
+             "ray.data.expressions.download": "download"}
+    rates: dict[str, dict[str, float]] = {}
+    for added, endpoint in endpoints.items():
+        for _ in range(repeats):
+            for name, reader in names.items():
+                # Ray's obstore client allows http only for http:// store URLs, not for an
+                # s3:// URL with an http endpoint (a local S3 server): obstore reads this one.
+                env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true"}
+                result = measure([sys.executable, "benchmarks/label.py", "ray-reads", reader,
+                                  str(listing)], env)["result"]
+                assert result["objects"] == len(keys) and result["failed"] == 0, (name, result)
+                rate = result["objects"] / result["seconds"]
+                best = rates.setdefault(name, {})
+                best[added] = max(best.get(added, 0.0), rate)
+    print(f"\n## S3 reads in a Ray Data pipeline: {len(keys)} objects, best of {repeats}, "
+          "Ray's start left out")
+    print(f"| reader                                 | objects/s, 0 ms | objects/s, {DELAY_MS} ms "
+          "each way |")
+    print("|----------------------------------------|-----------------|"
+          "---------------------------|")
+    for name, rate in rates.items():
+        print(f"| {name:<38} | {rate['0 ms']:>15,.0f} | {rate[f'{DELAY_MS} ms']:>25,.0f} |")
     return rates
 
 
