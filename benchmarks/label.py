@@ -23,7 +23,8 @@ same run:
 Every file is read once before timing (a warm page cache for all). Each variant runs --repeats
 times (interleaved; the median run is reported), each run as its own process session; peak
 memory is the largest sum of the RSS of every process in that session (driver, Ray daemons and
-workers), sampled every 0.2 s.
+workers), sampled every 0.2 s, and beside it the largest sum of their PSS (a page that several
+processes share, such as TensorFlow's and Ray's libraries, counted once).
 "End to end" is images / the process's wall time, for every variant: each pays its own start-up
 (Python, TensorFlow, Ray) and exit. "In run" leaves those out where the variant can tell: the
 baselines time from after the model is loaded, clfsys from when its listing is done (Ray start
@@ -48,11 +49,22 @@ HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
 DELAY_MS = 10
 
 
-def session_rss(sid: int) -> int:
+def session_memory(sid: int) -> tuple[int, int]:
+    """Bytes resident in the session's processes: the sum of their RSS, which counts a page
+    shared by several processes (a library such as TensorFlow's or Ray's, the object store) in
+    each of them, and the sum of their PSS, which splits each shared page between its sharers."""
     from clfsys.processes import in_sessions, stat
 
-    pages = sum(int(fields[21]) for pid in in_sessions(sid) if len(fields := stat(pid)) > 21)
-    return pages * os.sysconf("SC_PAGE_SIZE")
+    rss = pss = 0
+    for pid in in_sessions(sid):
+        if len(fields := stat(pid)) > 21:
+            rss += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        except OSError:  # gone, or (as another user) not readable
+            continue
+        pss += sum(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+    return rss, pss
 
 
 def warm_page_cache(files: list[str]) -> None:
@@ -64,17 +76,19 @@ def warm_page_cache(files: list[str]) -> None:
 
 
 def measure(command: list[str], env: dict | None = None) -> dict:
-    """Run `command` in a new session; wall time, peak session RSS and its JSON result line."""
+    """Run `command` in a new session; wall time, peak session RSS and PSS (`session_memory`)
+    and its JSON result line."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env=env)
-    peak = 0
+    peak = peak_pss = 0
     stop = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, peak_pss
         while not stop.is_set():
-            peak = max(peak, session_rss(proc.pid))
+            rss, pss = session_memory(proc.pid)
+            peak, peak_pss = max(peak, rss), max(peak_pss, pss)
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -85,6 +99,7 @@ def measure(command: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{stderr[-3000:]}")
     return {"wall_s": time.perf_counter() - started, "peak_mb": peak / 2**20,
+            "peak_pss_mb": peak_pss / 2**20,
             "result": json.loads(stdout.strip().splitlines()[-1])}
 
 
@@ -509,25 +524,26 @@ def run_all(args, work: Path, report: dict, s3) -> None:
                     assert result["images"] == len(files), (variant, result)
                 runs[variant].append({"images": result["images"], "wall_s": m["wall_s"],
                                       "in_run_images_per_s": result["images_per_s"],
-                                      "peak_mb": m["peak_mb"]})
+                                      "peak_mb": m["peak_mb"], "peak_pss_mb": m["peak_pss_mb"]})
         rows = {}
         for variant, measured in runs.items():
             median = sorted(measured, key=lambda r: r["wall_s"])[len(measured) // 2]
             rows[variant] = {**median, "images_per_s": median["images"] / median["wall_s"],
                              "peak_mb": max(r["peak_mb"] for r in measured),
+                             "peak_pss_mb": max(r["peak_pss_mb"] for r in measured),
                              "walls_s": [round(r["wall_s"], 1) for r in measured]}
         report[name] = rows
         single = rows["single process: tf.data + predict(1024)"]["images_per_s"]
         loop = rows[f"tutorial per-image loop ({args.sample} images)"]["in_run_images_per_s"]
         print(f"\n## {name}: {len(files)} files")
         print(f"| {'variant':<42} | images | wall s | images/s end to end | images/s in run "
-              "| vs single process | vs per-image loop | peak memory MB |")
-        print("|" + "|".join("-" * n for n in (44, 8, 8, 21, 17, 19, 19, 16)) + "|")
+              "| vs single process | vs per-image loop | peak RSS MB | peak PSS MB |")
+        print("|" + "|".join("-" * n for n in (44, 8, 8, 21, 17, 19, 19, 13, 13)) + "|")
         for variant, r in rows.items():
             print(f"| {variant:<42} | {r['images']:>6} | {r['wall_s']:>6.1f} | "
                   f"{r['images_per_s']:>19.0f} | {r['in_run_images_per_s']:>15.0f} | "
                   f"{r['images_per_s'] / single:>16.2f}x | {r['images_per_s'] / loop:>16.1f}x "
-                  f"| {r['peak_mb']:>14.0f} |")
+                  f"| {r['peak_mb']:>11.0f} | {r['peak_pss_mb']:>11.0f} |")
         one, two = (rows[k]["images_per_s"] for k in list(rows)[:2])
         print(f"1 -> 2 actors: {one:.0f} -> {two:.0f} images/s end to end ({two / one:.2f}x). "
               "Ratios use end-to-end rates, except the per-image loop's own (in run, on a sample).")
