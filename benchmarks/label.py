@@ -13,7 +13,8 @@ same run:
   - `clfsys label` with 1 actor reading its inputs from and writing its output to a local S3
     server (SeaweedFS on 127.0.0.1, the same files uploaded first), against local files on one node
     (--no-s3 leaves it out); and the same through a TCP proxy adding DELAY_MS each way
-    (tests/infra.py's DelayProxy: the order of S3's first-byte latency for small objects),
+    (tests/infra.py's DelayProxy: the order of S3's first-byte latency for small objects); each
+    prints the CPU seconds the S3 server and the proxy used meanwhile (on the same cores),
   - the S3 reader alone (with S3): 2,000 of the first dataset's files read 32 at a time, through
     `storage.read_many` (obstore) and through pyarrow in a thread per read, with and without
     the proxy;
@@ -75,9 +76,20 @@ def warm_page_cache(files: list[str]) -> None:
                 pass
 
 
-def measure(command: list[str], env: dict | None = None) -> dict:
-    """Run `command` in a new session; wall time, peak session RSS and PSS (`session_memory`)
-    and its JSON result line."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds that process `pid` has used so far."""
+    from clfsys.processes import stat
+
+    fields = stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
+def measure(command: list[str], env: dict | None = None, watch: dict | None = None) -> dict:
+    """Run `command` in a new session; wall time, peak session RSS and PSS (`session_memory`),
+    its JSON result line, and the CPU seconds used meanwhile by each process in `watch`
+    (name -> pid: the S3 server, this process and its latency proxy)."""
+    watch = watch or {}
+    before = {name: cpu_seconds(pid) for name, pid in watch.items()}
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env=env)
@@ -100,6 +112,7 @@ def measure(command: list[str], env: dict | None = None) -> dict:
         sys.exit(f"failed: {' '.join(command)}\n{stderr[-3000:]}")
     return {"wall_s": time.perf_counter() - started, "peak_mb": peak / 2**20,
             "peak_pss_mb": peak_pss / 2**20,
+            "cpu_s": {name: cpu_seconds(pid) - before[name] for name, pid in watch.items()},
             "result": json.loads(stdout.strip().splitlines()[-1])}
 
 
@@ -507,16 +520,22 @@ def run_all(args, work: Path, report: dict, s3) -> None:
             for variant, (command, out) in variants.items():
                 if variant.startswith("tutorial") and repeat:
                     continue  # a slow sample; once is enough
-                env = None
+                env, watch = None, None
                 if out in ("s3", "s3-delayed"):  # a new output location each run
+                    watch = {"S3 server": s3.process.pid, "proxy": os.getpid()}
                     command = [s3.uri("labels", f"{folder.name}-{out}-{repeat}")
                                if c == "S3_OUTPUT" else c for c in command]
                     if out == "s3-delayed":
                         env = {**os.environ, "AWS_ENDPOINT_URL": delayed.url}
                 elif out is not None:
                     shutil.rmtree(out, ignore_errors=True)
-                m = measure(command, env)
+                m = measure(command, env, watch)
                 result = m["result"]
+                if watch:
+                    print(f"{variant}: {m['wall_s']:.1f} s; CPU s meanwhile: "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in m["cpu_s"].items())
+                          + " (the proxy: this process, which relays only the delayed run)",
+                          flush=True)
                 if out is not None:
                     assert result["files"] == len(files) and result["missing"] == 0
                     result = {"images": result["files"], "images_per_s": result["files_per_s"]}
