@@ -95,6 +95,8 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
     from clfsys.search import run_search
 
     cfg = load_config(args.config, args.overrides)
+    if args.warm_start:
+        cfg = cfg.replace(**{"tune.warm_start.path": args.warm_start})
     return run_search(cfg, args.out, resume=args.resume)
 
 
@@ -135,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="directory (local or a URI) for trials, best/ and report/")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--warm-start", metavar="PREVIOUS_OUT",
+                   help="start from an earlier search's --out (sets tune.warm_start.path)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("label", help="label image files into a Parquet dataset with Ray Data")

@@ -19,7 +19,7 @@ from clfsys.config import Config
 from clfsys.dataset import Dataset
 from clfsys.errors import DataError, IncompleteError
 from clfsys.scheduler import STATE_FILE, asha_stops
-from clfsys.space import overrides, trial_config
+from clfsys.space import CONTINUE_KEY, overrides, trial_config
 
 INFRASTRUCTURE = "infrastructure"
 TRAINING = "training"
@@ -44,8 +44,10 @@ def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, list | dict) else value
 
 
-def trial_rows(grid, cfg: Config, scheduler_state: str) -> tuple[list[dict], dict[str, Any]]:
-    """One row per trial, and each trial's Result by id."""
+def trial_rows(grid, cfg: Config, scheduler_state: str,
+               experiment: str) -> tuple[list[dict], dict[str, Any]]:
+    """One row per trial, and each trial's Result by id. `experiment` is the location of the
+    search's Tune experiment (its trials' folders)."""
     from clfsys.raykit import failures_of, trials_of
 
     asha = asha_stops(scheduler_state)
@@ -76,10 +78,14 @@ def trial_rows(grid, cfg: Config, scheduler_state: str) -> tuple[list[dict], dic
         if result.error is not None:
             lines = [line for line in str(result.error).strip().splitlines() if line.strip()]
             error = lines[-1][:300] if lines else type(result.error).__name__
+        continued = result_config.get(CONTINUE_KEY)
+        checkpoint = result.checkpoint
         rows.append({
             "trial_id": trial_id,
             **{f"param.{k}": _cell(v) for k, v in overrides(result_config).items()},
-            "best_val_accuracy": float(frame["val_accuracy"].max()) if has_curve else None,
+            # A trial that continued an earlier one may have had its best epoch there.
+            "best_val_accuracy": float(metrics.get("best_val_accuracy") or
+                                       frame["val_accuracy"].max()) if has_curve else None,
             "epochs_run": epochs,
             "asha_stopped": trial_id in asha,
             "stopped_by": stopped_by,
@@ -95,6 +101,10 @@ def trial_rows(grid, cfg: Config, scheduler_state: str) -> tuple[list[dict], dic
             "node_id": metrics.get("node_id"),
             "cuda_visible_devices": metrics.get("cuda_visible_devices"),
             "path": str(result.path),
+            "checkpoint": storage.join(experiment, *Path(checkpoint.path).parts[-2:])
+            if checkpoint is not None else None,
+            "continued_from": storage.name(continued.rsplit("/", 1)[0]).removeprefix("trial_")
+            if continued else None,
         })
         by_id[trial_id] = result
     rows.sort(key=lambda r: (r["best_val_accuracy"] is None, -(r["best_val_accuracy"] or 0)))
@@ -167,13 +177,14 @@ def _leaderboard_html(rows: list[dict]) -> str:
     return f"<table><tr><th>#</th>{head}</tr>{''.join(body)}</table>"
 
 
-def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
-                  wall_s: float) -> dict:
+def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path, *,
+                  experiment: str, wall_s: float, warm=None) -> dict:
     """Write trials.csv/.parquet, best/ and report/ to `location` (staged in the local folder
-    `out`, then copied there when it is a URI); print a summary; return the result line."""
+    `out`, then copied there when it is a URI); print a summary; return the result line.
+    `warm` is the warm_start.WarmStart the search started from, if any."""
     import pandas as pd
 
-    rows, by_id = trial_rows(grid, cfg, storage.join(location, STATE_FILE))
+    rows, by_id = trial_rows(grid, cfg, storage.join(location, STATE_FILE), experiment)
     table = pd.DataFrame(rows)
     limits = cfg.tune.select.limits()
     table["meets_select"] = [select([r], limits)[0] is not None for r in rows]
@@ -219,12 +230,18 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
     for plot in ("learning_curves", "confusion_matrix", "samples"):
         shutil.copy(out / "best" / "plots" / f"{plot}.png", pages / f"best_{plot}.png")
     epochs_total = int(table["epochs_run"].sum())
+    warm_info = warm.summary(int(table["continued_from"].notna().sum())) if warm else None
+    warm_note = "" if warm_info is None else (
+        "Warm start from {from}: {earlier_trials} earlier trials, {used} inside this space and "
+        "told to the searcher ({outside_space} outside), {continued} continued from their "
+        "checkpoints.".format(**warm_info))
     report.html_page(pages / "index.html", "clfsys search report", [
         ("Summary", f"<p>{len(rows)} trials ({errored} errored), {epochs_total} epochs in "
                     f"{wall_s:.0f} s. Best trial <b>{html.escape(best_row['trial_id'])}</b>: "
                     f"validation accuracy {best_row['best_val_accuracy']:.4f}, test accuracy "
                     f"<b>{summary['test_accuracy']:.4f}</b> (test split used once, for the "
-                    f"best model only). {html.escape(constraint_note)}</p>"
+                    f"best model only). {html.escape(constraint_note)} "
+                    f"{html.escape(warm_note)}</p>"
                     "<p><a href='../trials.csv'>trials.csv</a> &middot; "
                     "<a href='../best/metadata.json'>best/metadata.json</a> &middot; "
                     f"TensorBoard: <code>tensorboard --logdir "
@@ -240,6 +257,8 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
     print(f"\n== search done: {len(rows)} trials, {errored} errored ({lost} for infrastructure "
           f"reasons), {recovered} recovered from a failure, {not_started} not started, "
           f"{epochs_total} epochs, {wall_s:.0f} s", file=sys.stderr)
+    if warm_note:
+        print(warm_note, file=sys.stderr)
     for rank, row in enumerate(rows[:5], start=1):
         params = ", ".join(f"{k[6:]}={v}" for k, v in row.items()
                            if k.startswith("param.") and v is not None and v == v)
@@ -256,6 +275,7 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
         "infrastructure_failures": lost, "recovered": recovered, "not_started": not_started,
         "epochs_total": epochs_total, "wall_s": round(wall_s, 1),
         **({"select": limits, "ruled_out": ruled_out} if limits else {}),
+        **({"warm_start": warm_info} if warm_info else {}),
         **{column: best_row[column] for column in COST_COLUMNS},
     }
 

@@ -16,7 +16,9 @@ about n * grace + n/rf * (next rung - grace) + ... epochs for n configurations.
 Three things Tune would otherwise decide behind the scheduler's back:
 - Tune starts every PENDING trial by itself, first come first served, so a new configuration
   could take the worker a due promotion should get. New trials are therefore parked as PAUSED
-  when they are added, and only `choose_trial_to_run` starts them.
+  when they are added, and only `choose_trial_to_run` starts them. Tune then asks the searcher
+  for every configuration at once (parked trials are not pending); a searcher that learns from
+  results asks `wants_configuration` first, and gets one in turn (clfsys/searchers.py).
 - Tune's and the searchers' concurrency limits count paused trials as live, so a limit of 2 would
   decide each rung among 2 trials. The limit (`max_concurrent`) is applied here instead, to
   trials that run or are about to.
@@ -169,6 +171,7 @@ class PromotingASHA(FIFOScheduler):
         self.records = Rungs(grace_period=grace_period, reduction_factor=reduction_factor,
                              max_t=max_t, mode=mode, state_file=state_file)
         self.rungs = self.records.rungs
+        self.fresh: set[str] = set()  # trials added and never started
 
     # The records this class and the tests read; Rungs' methods change them.
     recorded = property(lambda self: self.records.recorded)
@@ -188,6 +191,8 @@ class PromotingASHA(FIFOScheduler):
         # Tune itself (see the module docstring). Trials of a resumed search come back PENDING.
         if trial.status == Trial.PENDING:
             trial.set_status(Trial.PAUSED)
+            if not trial.last_result.get(self.time_attr):
+                self.fresh.add(trial.trial_id)
         self.base_cpus = min(self.base_cpus, _cpus(trial))
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict[str, Any]) -> str:
@@ -201,13 +206,22 @@ class PromotingASHA(FIFOScheduler):
         return TrialScheduler.PAUSE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict[str, Any]) -> None:
+        self.fresh.discard(trial.trial_id)
         self.records.leave(trial.trial_id)
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        self.fresh.discard(trial.trial_id)
         self.records.leave(trial.trial_id, failed=True)
 
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:
+        self.fresh.discard(trial.trial_id)
         self.records.leave(trial.trial_id)
+
+    def wants_configuration(self) -> bool:
+        """Whether a searcher should choose a new configuration now: none is waiting to start.
+        A searcher that learns from results (RungTPE) then chooses each one as late as it
+        can while one is always ready for the next free worker."""
+        return not self.fresh
 
     # --- what runs next ------------------------------------------------------------------
 
@@ -282,7 +296,9 @@ class PromotingASHA(FIFOScheduler):
                 return trials[trial_id]
         # 3. A new configuration, in the order the searcher gave them.
         if parked:
-            return min(parked, key=lambda t: t.trial_id)
+            trial = min(parked, key=lambda t: t.trial_id)
+            self.fresh.discard(trial.trial_id)
+            return trial
         if busy:
             return None
         # 4. Nothing to start and nothing running: decide the lowest rung with waiting trials.

@@ -26,7 +26,7 @@ from clfsys import storage
 from clfsys.cluster import init_ray
 from clfsys.config import Config
 from clfsys.errors import ConfigError, DataError
-from clfsys.space import Param, check_space, parse_space, trial_config
+from clfsys.space import CONTINUE_KEY, Param, check_space, parse_space, trial_config
 
 EXPERIMENT = "search"
 METRIC = "val_accuracy"
@@ -139,6 +139,7 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cfg = trial_config(base, sample)
+    continue_from = sample.get(CONTINUE_KEY)
     # The trial's own CPUs: the scheduler may have grown them (PromotingASHA's last trial).
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1.0)
     _configure_tensorflow(cpus)
@@ -150,8 +151,10 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
     try:
         # A trial restarted by a resumed search resumes from its newest whole checkpoint, also
         # when the one Tune recorded is gone (see raykit.restore_only_whole) or Tune's state
-        # was saved before it recorded any.
-        checkpoint = tune.get_checkpoint() or _newest_whole_checkpoint()
+        # was saved before it recorded any. A trial that continues an earlier search's trial
+        # starts from that one's checkpoint.
+        checkpoint = (tune.get_checkpoint() or _newest_whole_checkpoint()
+                      or (_location_checkpoint(continue_from) if continue_from else None))
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 state.update(json.loads((Path(folder) / "state.json").read_text()))
@@ -173,6 +176,22 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
 
 
 CHECKPOINT_FILES = ("state.json", "model.keras", "best.keras")
+
+
+def _location_checkpoint(location: str):
+    from ray import tune
+
+    fs, path = storage.resolve(location)
+    return tune.Checkpoint(path, filesystem=fs)
+
+
+def check_checkpoints(locations: list[str]) -> None:
+    """Refuse, before any trial starts, earlier checkpoints that are gone or incomplete."""
+    for location in locations:
+        missing = [f for f in CHECKPOINT_FILES if not storage.is_file(storage.join(location, f))]
+        if missing:
+            raise DataError(f"tune.warm_start.continue_top: checkpoint {location} lacks "
+                            f"{', '.join(missing)}")
 
 
 def _whole_checkpoints(fs, folder: str) -> list[str]:
@@ -253,25 +272,6 @@ def _scheduler(cfg: Config, out: str):
                          reduction_factor=t.reduction_factor, state_file=state_file)
 
 
-def _searcher(cfg: Config):
-    """The search algorithm, with tune.max_concurrent_trials applied (Tune ignores its own
-    max_concurrent_trials when given a BasicVariantGenerator, so the limit lives here). Under
-    PromotingASHA the scheduler applies the limit instead: a searcher's limit counts trials
-    paused at a rung as running."""
-    limit = 0 if cfg.tune.scheduler == "asha" else cfg.tune.max_concurrent_trials
-    if cfg.tune.searcher == "optuna":
-        from optuna.samplers import TPESampler
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        searcher = OptunaSearch(sampler=TPESampler(seed=cfg.tune.seed,
-                                                   n_startup_trials=cfg.tune.startup_trials))
-        return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
-    from ray.tune.search import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=limit or 0)
-
-
 def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -285,11 +285,16 @@ def experiment_path(cfg: Config, out: str) -> str:
     return storage.join(storage_root(cfg, out), EXPERIMENT)
 
 
+NEEDED_FOR = {"tune.storage_path": "checkpoint or resume", "data.cache_path": "read their data",
+              "tune.warm_start.path": "read the earlier trials' checkpoints"}
+
+
 def check_storage_reaches_every_node(cfg: Config, path: str,
                                      key: str = "tune.storage_path") -> None:
-    """Refuse, before any trial starts, a search whose trials could not all reach its storage:
-    a local path when trials run on other nodes than this one (the cluster has several, or
-    this node cannot host a trial, so an autoscaler will add others), unless declared shared."""
+    """Refuse, before any trial starts, a search whose trials could not all reach `path`, the
+    folder `key` names: a local path when trials run on other nodes than this one (the cluster
+    has several, or this node cannot host a trial, so an autoscaler will add others), unless
+    declared shared."""
     import ray
 
     if storage.is_uri(path) or cfg.tune.storage_shared:
@@ -307,8 +312,7 @@ def check_storage_reaches_every_node(cfg: Config, path: str,
     where = key + ("" if key != "tune.storage_path" or cfg.tune.storage_path
                    else " (default <out>/ray)")
     raise ConfigError(
-        f"{where} is {path.rsplit('/', 1)[0]}, a local path, but {why}: they could not "
-        f"{'read their data' if key == 'data.cache_path' else 'checkpoint or resume'} there; "
+        f"{where} is {path}, a local path, but {why}: they could not {NEEDED_FOR[key]} there; "
         f"set {key}=s3://BUCKET/PREFIX (or gs://...), or tune.storage_shared=true if that "
         "path is a mount every node shares (NFS)")
 
@@ -337,6 +341,19 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     elif storage.list_files(out):
         raise DataError(f"--out {out_dir} is not empty; pass --resume to continue the search "
                         "there, or choose a new directory")
+    warm = None
+    if cfg.tune.warm_start.path:
+        from clfsys import warm_start
+
+        warm = warm_start.load(cfg.tune.warm_start.path, params, cfg)
+    if warm is not None and not resume:  # a resumed search's searcher has them already
+        continued = warm_start.best(warm, cfg.tune.warm_start.continue_top)
+        if len(continued) < cfg.tune.warm_start.continue_top:
+            raise DataError(
+                f"tune.warm_start.continue_top is {cfg.tune.warm_start.continue_top}, but only "
+                f"{len(continued)} earlier trial(s) inside this space have a checkpoint column "
+                f"in {warm.source}/trials.parquet")
+        check_checkpoints([e.checkpoint for e in continued])
     staging = Path(storage.staging_dir(out))
     staging.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -350,24 +367,33 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
 
         tracking = SearchRun(cfg, out, path)
     init_ray()
-    check_storage_reaches_every_node(cfg, path)
+    check_storage_reaches_every_node(cfg, storage_root(cfg, out))
+    if warm is not None and cfg.tune.warm_start.continue_top:
+        check_storage_reaches_every_node(cfg, warm.source, "tune.warm_start.path")
     if dataset.train_shards is not None and cfg.data.cache_path:
-        check_storage_reaches_every_node(cfg, dataset.train_shards.location, "data.cache_path")
+        check_storage_reaches_every_node(cfg, dataset.train_shards.location.rsplit("/", 1)[0],
+                                         "data.cache_path")
     resources = {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu}
     base = cfg.replace(**{"train.epochs": cfg.tune.max_epochs, "train.verbose": 0})
     trainable = tune.with_resources(restore_only_whole(
         tune.with_parameters(_trial, base=base, dataset=dataset, callbacks=list(callbacks)),
         _recorded_checkpoint_is_whole), resources)
     if resume:
+        # Tune restores the searcher and scheduler it saved when the search began.
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
     else:
+        from clfsys.searchers import make_searcher
+
+        scheduler = _scheduler(cfg, out)
         tuner = tune.Tuner(
             trainable,
             param_space={p.name: _domain(p) for p in params},
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=cfg.tune.num_samples,
-                search_alg=_searcher(cfg), scheduler=_scheduler(cfg, out),
+                search_alg=make_searcher(cfg, getattr(scheduler, "wants_configuration", None),
+                                         warm),
+                scheduler=scheduler,
                 time_budget_s=cfg.tune.time_budget_s, reuse_actors=False,
                 trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
@@ -382,7 +408,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     from clfsys.results import write_outputs
 
     try:
-        result = write_outputs(grid, cfg, dataset, out, staging,
+        result = write_outputs(grid, cfg, dataset, out, staging, experiment=path, warm=warm,
                                wall_s=time.perf_counter() - started)
     except Exception:
         if tracking:

@@ -26,6 +26,9 @@ from clfsys.errors import ConfigError
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 ARCH_KEY = "model.arch"
 _JSON = "json:"
+CONTINUE_KEY = "continue_from"
+"""A sample's key, set by the searcher only: the checkpoint (a location) of an earlier search's
+trial that this trial goes on from (tune.warm_start.continue_top); not a config key."""
 SEP = ":"
 """Between an architecture and its own parameter's key (not "/": Tune flattens on "/", and
 Optuna's searcher then fails on such keys)."""
@@ -41,13 +44,13 @@ class Param:
     args: tuple
 
 
-def _encode(value: Any) -> Any:
+def encode(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return _JSON + json.dumps(value)
 
 
-def _decode(value: Any) -> Any:
+def decode(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(_JSON):
         return json.loads(value[len(_JSON):])
     return value
@@ -55,7 +58,7 @@ def _decode(value: Any) -> Any:
 
 def _param(name: str, key: str, spec: Any, where: str) -> Param:
     if not isinstance(spec, dict):
-        return Param(name, key, "fixed", (_encode(spec),))
+        return Param(name, key, "fixed", (encode(spec),))
     if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
         raise ConfigError(f"{where} must be a value or one of "
                           f"{{{'|'.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
@@ -63,7 +66,7 @@ def _param(name: str, key: str, spec: Any, where: str) -> Param:
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}.choice must be a non-empty list, got {args!r}")
-        return Param(name, key, kind, tuple(_encode(a) for a in args))
+        return Param(name, key, kind, tuple(encode(a) for a in args))
     if (not isinstance(args, list) or len(args) != 2
             or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)
             or not args[0] < args[1]):
@@ -104,14 +107,16 @@ def parse_space(space: dict[str, Any]) -> list[Param]:
 
 def overrides(sample: dict[str, Any]) -> dict[str, Any]:
     """A sampled point -> the dotted-key overrides of one trial (conditionals of its arch only)."""
-    arch = _decode(sample.get(ARCH_KEY))
+    arch = decode(sample.get(ARCH_KEY))
     result = {}
     for name, value in sample.items():
         prefix, sep, key = name.partition(SEP)
+        if name == CONTINUE_KEY:
+            continue
         if not sep:
-            result[name] = _decode(value)
+            result[name] = decode(value)
         elif prefix == arch:
-            result[key] = _decode(value)
+            result[key] = decode(value)
     return result
 
 

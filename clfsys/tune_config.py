@@ -73,6 +73,24 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class WarmStartConfig:
+    """Start from an earlier search (`clfsys tune --warm-start PREVIOUS_OUT`)."""
+
+    path: str | None = option(None, "The earlier search's --out (a local path or a URI): its "
+                                    "trials inside this space are told to the searcher, and "
+                                    "none is sampled again.")
+    continue_top: int = option(0, "Continue the K most accurate earlier trials from their "
+                                  "checkpoints, up to this search's max_epochs (they count "
+                                  "towards num_samples).")
+
+    def __post_init__(self) -> None:
+        check(self.continue_top >= 0, "tune.warm_start.continue_top", "must be >= 0",
+              self.continue_top)
+        check(not self.continue_top or bool(self.path), "tune.warm_start.continue_top",
+              "needs tune.warm_start.path (--warm-start)", self.continue_top)
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """Architecture / learning-rate search on Ray Tune (`clfsys tune`)."""
 
@@ -106,6 +124,7 @@ class TuneConfig:
                                          " cluster of more than one node.")
     select: SelectConfig = field(default_factory=SelectConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def __post_init__(self) -> None:
         check(self.searcher in SEARCHERS, "tune.searcher", f"must be one of {list(SEARCHERS)}",
@@ -127,3 +146,5 @@ class TuneConfig:
         check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2",
               self.reduction_factor)
         check(self.max_failures >= 0, "tune.max_failures", "must be >= 0", self.max_failures)
+        check(self.warm_start.continue_top <= self.num_samples, "tune.warm_start.continue_top",
+              f"must be <= tune.num_samples ({self.num_samples})", self.warm_start.continue_top)

@@ -67,6 +67,8 @@ class Controller:
         self.grown_starts: list[tuple[str, int, float, int]] = []  # (..., CPUs, others running)
         self.most_running = 0
         self.most_cpus = 0.0
+        self.to_ask: list[float] = []  # values of the trials a learning searcher gives in turn
+        self.added_after: list[int] = []  # for each of those: how many trials had started
         scheduler.set_search_properties(None, None)
 
     # what the scheduler may call
@@ -100,14 +102,25 @@ class Controller:
                                               len(self.running())))
                 trial.status = RUNNING
 
+    def _ask(self) -> None:
+        """A searcher that learns from results (RungTPE) gives a configuration only when the
+        scheduler wants one."""
+        if self.to_ask and self.scheduler.wants_configuration():
+            self.added_after.append(len({t for t, _ in self.starts}))
+            self.add(FakeTrial(len(self.trials), self.to_ask.pop(0)))
+
     def step(self) -> None:
+        """Tune's steps until the next epoch ends: ask the searcher, start what the scheduler
+        chooses, again and again (they take milliseconds; an epoch takes seconds)."""
         self._start_pending()
+        self._ask()
         while (trial := self.scheduler.choose_trial_to_run(self)) is not None:
             assert trial.status in (PAUSED, PENDING), trial.trial_id
             if trial.status == PENDING and self.used() + trial.cpus > self.cpus:
                 break  # Tune stages it; it starts when a CPU frees up
             trial.status = PENDING
             self._start_pending()
+            self._ask()
         self.most_running = max(self.most_running, len(self.running()))
         self.most_cpus = max(self.most_cpus, self.used())
         for trial in self.running():
@@ -126,7 +139,7 @@ class Controller:
 
     def run(self, steps: int = 500) -> None:
         for _ in range(steps):
-            if all(t.status in (TERMINATED, ERROR) for t in self.trials):
+            if not self.to_ask and all(t.status in (TERMINATED, ERROR) for t in self.trials):
                 return
             self.step()
         pytest.fail(f"the search did not finish in {steps} steps: "
@@ -161,6 +174,20 @@ def test_due_promotions_start_before_new_configurations(tmp_path):
     assert asha_stops(str(tmp_path / "asha_state.json")) == {
         "t00": 1, "t01": 1, "t02": 1, "t04": 1}
     assert run.most_running == 2
+
+
+def test_a_learning_searcher_gets_each_configuration_in_turn_with_the_same_decisions(tmp_path):
+    """Tune asks its searcher for configurations at the start of each step; a searcher that
+    learns from results (RungTPE) gives one only when wants_configuration(). Then each is added
+    once the one before it has started (never two waiting unstarted), and the search makes the
+    same starts and rung decisions as the one above, where all 6 were added up front."""
+    _, run = make(tmp_path, [])
+    run.to_ask = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    run.run()
+    assert run.added_after == [0, 1, 2, 3, 4, 5]
+    assert run.starts == [("t00", 0), ("t01", 0), ("t02", 0), ("t03", 0), ("t03", 1),
+                          ("t04", 0), ("t05", 0), ("t05", 1)]
+    assert run.epochs() == {"t00": 1, "t01": 1, "t02": 1, "t03": 3, "t04": 1, "t05": 3}
 
 
 def test_a_concurrency_limit_does_not_shrink_the_rungs(tmp_path):

@@ -347,6 +347,57 @@ def test_optuna_tpe_chooses_the_configurations_after_its_random_start(tmp_path):
     assert (tmp_path / "run1" / "report" / "accuracy_vs_latency.png").stat().st_size > 5000
 
 
+def test_tpe_learns_from_rungs_and_a_warm_started_search_builds_on_its_trials(tmp_path, capfd):
+    """1. Optuna under the default scheduler, PromotingASHA, which parks new trials: Tune used
+    to take all 4 configurations from the searcher before any trial had a result, so TPE chose
+    none of them. Now each is chosen when the one before it starts. One trial at a time: the
+    4th is chosen once the first two wait at the rung (epoch 1) and the 3rd has started, by
+    TPE (2 start-up trials), from those two; no trial has completed yet.
+    2. A search warm-started from it, in a narrower lr range: the earlier trials inside are told
+    to TPE, those outside are counted, and the best inside goes on from its checkpoint, its
+    epochs continuing where the earlier search left it."""
+    folder = write_folder(tmp_path / "images", per_class=10, size=16)
+    cfg = search_config(folder, CONDITIONAL, **{
+        "tune.searcher": "optuna", "tune.startup_trials": 2, "tune.num_samples": 4,
+        "tune.max_epochs": 3, "tune.grace_period": 1, "tune.reduction_factor": 3,
+        "tune.max_concurrent_trials": 1, "tune.seed": 3})
+    assert cfg.tune.scheduler == "asha"
+    result = run_search(cfg, tmp_path / "first")
+    chosen = [line for line in capfd.readouterr().err.splitlines()
+              if line.startswith("optuna: trial ")]
+    first = pd.read_csv(tmp_path / "first" / "trials.csv")
+    assert result["trials"] == len(first) == len(chosen) == 4, chosen
+    assert [line.split(" chosen by ")[1] for line in chosen] == [
+        "random start-up from 0 completed, 0 stopped early, 0 under way",
+        "random start-up from 0 completed, 0 stopped early, 0 under way",
+        "random start-up from 0 completed, 0 stopped early, 1 under way",
+        "TPE from 0 completed, 0 stopped early, 2 under way"], chosen
+    assert sorted(line.split()[2] for line in chosen) == sorted(first["trial_id"])
+    assert (first["stopped_by"] == "asha").sum() >= 2, first.to_string()
+
+    narrow = yaml.safe_load(CONDITIONAL)
+    narrow["train.lr"] = {"loguniform": [0.005, 0.02]}
+    cfg = cfg.replace(**{"tune.space": narrow, "tune.num_samples": 2, "tune.max_epochs": 5,
+                         "tune.warm_start.path": str(tmp_path / "first"),
+                         "tune.warm_start.continue_top": 1})
+    result = run_search(cfg, tmp_path / "second")
+    err = capfd.readouterr().err
+    inside = first[first["param.train.lr"] <= 0.02]
+    assert result["warm_start"] == {
+        "from": str(tmp_path / "first"), "earlier_trials": 4, "used": len(inside),
+        "outside_space": 4 - len(inside), "continued": 1}, err[-3000:]
+    assert f"optuna: told {len(inside)} earlier trials" in err
+    top = inside.sort_values(["best_val_accuracy", "epochs_run", "trial_id"],
+                             ascending=[False, False, True]).iloc[0]
+    second = pd.read_csv(tmp_path / "second" / "trials.csv")
+    went_on = second[second["continued_from"] == top["trial_id"]]
+    assert len(went_on) == 1, second.to_string()
+    epochs = [json.loads(line)["epoch"] for line in
+              (Path(went_on.iloc[0]["path"]) / "result.json").read_text().splitlines()]
+    assert epochs == list(range(top["epochs_run"] + 1, epochs[-1] + 1)), epochs
+    assert went_on.iloc[0]["param.train.lr"] == top["param.train.lr"]
+
+
 @needs_fashion_mnist()
 @pytest.mark.parametrize("scheduler, searcher", [
     ("asha", "random"), ("async_asha", "optuna"), ("none", "random")])

@@ -31,12 +31,15 @@ def move_forward(trial: Path) -> None:
     (torn / "state.json").write_text((moved / "state.json").read_text())
 
 
-@pytest.mark.parametrize("scheduler", ["asha"])  # `none`: test_cluster.py, on S3
-def test_resume_after_the_driver_is_killed_goes_on_where_each_trial_was(tmp_path, scheduler):
+# `none`: test_cluster.py, on S3. Optuna's searcher state (RungTPE) is restored too.
+@pytest.mark.parametrize("scheduler, searcher", [("asha", "random"), ("asha", "optuna")])
+def test_resume_after_the_driver_is_killed_goes_on_where_each_trial_was(tmp_path, scheduler,
+                                                                        searcher):
     config = job_config(tmp_path, f"""
   num_samples: 3
   max_concurrent_trials: 1
   scheduler: {scheduler}
+  searcher: {searcher}
   max_epochs: 3
   grace_period: 1
   reduction_factor: 3
