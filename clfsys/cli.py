@@ -94,9 +94,8 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
     from clfsys.config import load_config
     from clfsys.search import run_search
 
-    cfg = load_config(args.config, args.overrides)
-    if args.warm_start:
-        cfg = cfg.replace(**{"tune.warm_start.path": args.warm_start})
+    values = {"tune.warm_start.path": args.warm_start} if args.warm_start else {}
+    cfg = load_config(args.config, args.overrides, values)
     return run_search(cfg, args.out, resume=args.resume)
 
 

@@ -289,8 +289,10 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
     return build(Config, raw, "", "config key")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults without one) and apply `key=value` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                values: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or the defaults without one) and apply `key=value` overrides, then
+    `values` (dotted key -> value, as given: a command's own flags)."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -302,7 +304,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a mapping of sections")
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in [*map(parse_override, overrides), *(values or {}).items()]:
         _set_dotted(raw, key, value)
     return from_dict(raw)

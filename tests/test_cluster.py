@@ -326,6 +326,22 @@ def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_pa
     result = done.stdout.strip().splitlines()[-1]
     assert "'bundle': 's3://clfsys/tune-out/best'" in result
 
+    # A search warm-started from this one goes on with its best trial from the checkpoint on
+    # S3, wherever the trial lands, up to the new max_epochs.
+    top = table.sort_values(["best_val_accuracy", "trial_id"], ascending=[False, True]).iloc[0]
+    assert storage.is_file(storage.join(top["checkpoint"], "state.json"))
+    warm = clfsys(cluster, "tune", "--config", str(config), "--out", s3.uri("warm-out"),
+                  "--warm-start", out, "--set", "tune.max_epochs=4", "--set",
+                  "tune.num_samples=1", "--set", "tune.warm_start.continue_top=1", "--set",
+                  f"tune.storage_path={s3.uri('warm')}")
+    assert warm.returncode == 0, warm.stderr[-4000:]
+    assert result_line(warm)["warm_start"] == {"from": out, "earlier_trials": 4, "used": 4,
+                                               "outside_space": 0, "continued": 1}
+    went = pd.read_csv(io.BytesIO(storage.read_bytes(s3.uri("warm-out", "trials.csv"))))
+    assert list(went["continued_from"]) == [top["trial_id"]]
+    assert list(went["epochs_run"]) == [4] and "resuming from checkpoint at epoch 3" in \
+        warm.stderr
+
 
 def test_a_search_on_s3_survives_a_lost_node(cluster, s3, tmp_path):
     """The worker node dies while a trial trains there: that trial goes on from its S3
