@@ -9,7 +9,12 @@
    and best validation accuracy of each. Keras early stopping is off in both, so the difference
    is ASHA's alone. The space is the issue's: architectures (the tutorials' MLP and CNN, the
    batch-norm and wide CNNs), learning rate, optimizer, batch size, dropout, augmentation.
-3. selection: the trials of the quality search (or, with --part selection/efficiency, of the
+3. tpe: the default search with Optuna's TPE (RungTPE, learning from ASHA's rungs) against the
+   default random searcher, same budget and seeds (--seeds): test accuracy of each.
+4. warm-start: per seed, the default search given half the budget, then warm-started from it
+   (--warm-start, continue_top 1) for the other half, against one run of the whole budget
+   from scratch: test accuracy of each.
+5. selection: the trials of the quality search (or, with --part selection/efficiency, of the
    ASHA run above) selected again with tune.select.max_latency_ms at half the latency of the
    most accurate trial: the accuracy given up and the latency gained, the constrained best
    bundle evaluated on the test split like any best bundle.
@@ -216,6 +221,72 @@ def quality(args, recorded: dict) -> dict:
     return {"quality": runs}
 
 
+def _row(name: str, r: dict) -> str:
+    return (f"| {name:<36} | {r['test_accuracy']:>8.4f} | {r['val_accuracy']:>12.4f} | "
+            f"{r['trials']:>6} | {r['epochs_total']:>6} | {r['wall_s']:>6} | "
+            f"{str(r['reached_s']):>13} |")
+
+
+TABLE_HEAD = ("| run                                  | test acc | best val acc | trials | "
+              f"epochs | wall s | {REACH} at s     |\n"
+              "|--------------------------------------|----------|--------------|--------|--------|"
+              "--------|---------------|")
+
+
+def _mean_test(runs: list[dict]) -> str:
+    tests = [r["test_accuracy"] for r in runs]
+    return f"mean {sum(tests) / len(tests):.4f} (min {min(tests):.4f}, max {max(tests):.4f})"
+
+
+def tpe(args) -> dict:
+    """The default search with searcher optuna against random, per seed."""
+    runs: dict[str, dict] = {}
+    for seed in args.seeds:
+        for searcher in ("random", "optuna"):
+            result, _ = search({"tune.time_budget_s": args.budget, "tune.seed": seed,
+                                "tune.searcher": searcher},
+                               Path(args.out) / f"tpe-{searcher}-seed{seed}")
+            runs[f"{searcher} + ASHA, seed {seed}"] = result
+    print(f"\n## TPE + ASHA against random + ASHA: the default search, {args.budget:.0f} s each, "
+          "full Fashion-MNIST")
+    print(TABLE_HEAD)
+    for name, r in runs.items():
+        print(_row(name, r))
+    for searcher in ("random", "optuna"):
+        mine = [r for n, r in runs.items() if n.startswith(searcher)]
+        print(f"{searcher}: test accuracy {_mean_test(mine)}")
+    plot_curves(runs, Path(args.out) / "tpe.png")
+    return {"tpe": runs}
+
+
+def warm_start(args) -> dict:
+    """Half the budget, then the other half warm-started from it, against the whole budget from
+    scratch, per seed."""
+    runs: dict[str, dict] = {}
+    half = args.budget / 2
+    for seed in args.seeds:
+        first = Path(args.out) / f"warm-first-seed{seed}"
+        result, _ = search({"tune.time_budget_s": half, "tune.seed": seed}, first)
+        runs[f"first half, seed {seed}"] = result
+        result, _ = search({"tune.time_budget_s": half, "tune.seed": seed + 100,
+                            "tune.warm_start.path": str(first),
+                            "tune.warm_start.continue_top": 1},
+                           Path(args.out) / f"warm-second-seed{seed}")
+        runs[f"warm-started second half, seed {seed}"] = result
+        result, _ = search({"tune.time_budget_s": args.budget, "tune.seed": seed},
+                           Path(args.out) / f"warm-scratch-seed{seed}")
+        runs[f"from scratch, whole budget, seed {seed}"] = result
+    print(f"\n## Warm start: {half:.0f} s + {half:.0f} s warm-started against {args.budget:.0f} s "
+          "from scratch, the default search, full Fashion-MNIST")
+    print(TABLE_HEAD)
+    for name, r in runs.items():
+        print(_row(name, r))
+    for kind in ("warm-started", "from scratch"):
+        mine = [r for n, r in runs.items() if n.startswith(kind)]
+        print(f"{kind}: test accuracy {_mean_test(mine)}")
+    return {"warm_start": runs}
+
+
 def plot_curves(runs: dict, path: Path) -> None:
     import matplotlib
 
@@ -304,7 +375,8 @@ def reselect(search_out: Path, overrides: dict, out: Path) -> dict:
     if (search_out / STATE_FILE).exists():
         shutil.copy(search_out / STATE_FILE, out / STATE_FILE)
     grid = ResultGrid(ExperimentAnalysis(str(search_out / "ray" / "search")))
-    return write_outputs(grid, cfg, data_mod.load(cfg.data), str(out), out, wall_s=0.0)
+    return write_outputs(grid, cfg, data_mod.load(cfg.data), str(out), out,
+                         experiment=str(search_out / "ray" / "search"), wall_s=0.0)
 
 
 def selection(args, search_out: Path, overrides: dict) -> dict:
@@ -351,13 +423,14 @@ def selection(args, search_out: Path, overrides: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--part", choices=["quality", "keras-tuner", "efficiency", "selection",
-                                           "all"],
+                                           "tpe", "warm-start", "all"],
                         default="all", help="selection runs after quality, or alone after "
                         "a finished efficiency run; keras-tuner runs Keras Tuner alone against "
                         "the clfsys rows of a finished quality run's results.json in --out")
-    parser.add_argument("--budget", type=float, default=1800.0, help="quality: seconds")
+    parser.add_argument("--budget", type=float, default=1800.0,
+                        help="quality, tpe, warm-start: seconds per search")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                        help="quality: one default search per tune.seed")
+                        help="quality, tpe, warm-start: one default search per tune.seed")
     parser.add_argument("--keras-tuner", action=argparse.BooleanOptionalAction, default=True,
                         help="quality: Keras Tuner's Hyperband on equal terms (first seed)")
     parser.add_argument("--max-epochs", type=int, default=12, help="efficiency: epochs")
@@ -376,6 +449,10 @@ def main() -> None:
         results.update(quality(args, results.get("quality", {})))
     if args.part in ("efficiency", "all"):
         results.update(efficiency(args))
+    if args.part in ("tpe", "all"):
+        results.update(tpe(args))
+    if args.part in ("warm-start", "all"):
+        results.update(warm_start(args))
     if args.part in ("quality", "all"):
         results.update(selection(args, Path(args.out) / f"quality-seed{args.seeds[0]}",
                                  {"tune.time_budget_s": args.budget,
