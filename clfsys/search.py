@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clfsys import checkpoints, storage
 from clfsys import data as data_mod
-from clfsys import storage
 from clfsys.cluster import init_ray
 from clfsys.config import Config
 from clfsys.errors import ConfigError, DataError
@@ -153,8 +153,8 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
         # when the one Tune recorded is gone (see raykit.restore_only_whole) or Tune's state
         # was saved before it recorded any. A trial that continues an earlier search's trial
         # starts from that one's checkpoint.
-        checkpoint = (tune.get_checkpoint() or _newest_whole_checkpoint()
-                      or (_location_checkpoint(continue_from) if continue_from else None))
+        checkpoint = (tune.get_checkpoint() or checkpoints.newest_whole()
+                      or (checkpoints.at_location(continue_from) if continue_from else None))
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 state.update(json.loads((Path(folder) / "state.json").read_text()))
@@ -173,67 +173,6 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
               callback_state=state.setdefault("callbacks", {}))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-CHECKPOINT_FILES = ("state.json", "model.keras", "best.keras")
-
-
-def _location_checkpoint(location: str):
-    from ray import tune
-
-    fs, path = storage.resolve(location)
-    return tune.Checkpoint(path, filesystem=fs)
-
-
-def check_checkpoints(locations: list[str]) -> None:
-    """Refuse, before any trial starts, earlier checkpoints that are gone or incomplete."""
-    for location in locations:
-        missing = [f for f in CHECKPOINT_FILES if not storage.is_file(storage.join(location, f))]
-        if missing:
-            raise DataError(f"tune.warm_start.continue_top: checkpoint {location} lacks "
-                            f"{', '.join(missing)}")
-
-
-def _whole_checkpoints(fs, folder: str) -> list[str]:
-    """The checkpoint folders under `folder` that hold every file of CHECKPOINT_FILES, oldest
-    first (a killed upload can leave one half written)."""
-    import pyarrow.fs
-
-    from clfsys.raykit import CHECKPOINT_PREFIX
-
-    found: dict[str, set[str]] = {}
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True,
-                                                         recursive=True)):
-        parts = info.path[len(folder):].strip("/").split("/")
-        if len(parts) == 2 and parts[0].startswith(CHECKPOINT_PREFIX) and info.size:
-            found.setdefault(parts[0], set()).add(parts[1])
-    return sorted(name for name, files in found.items() if set(CHECKPOINT_FILES) <= files)
-
-
-def _recorded_checkpoint_is_whole(checkpoint) -> bool:
-    """Runs on the trial's worker before Tune restores `checkpoint` (see
-    raykit.restore_only_whole)."""
-    trial_dir, name = checkpoint.path.rstrip("/").rsplit("/", 1)
-    if name in _whole_checkpoints(checkpoint.filesystem, trial_dir):
-        return True
-    print(f"checkpoint {checkpoint.path}, recorded by the search, is gone or incomplete: "
-          "looking for the newest whole one", file=sys.stderr)
-    return False
-
-
-def _newest_whole_checkpoint():
-    """The newest whole checkpoint in this trial's folder on storage, for a trial that Tune
-    restarted without one; None for a new trial."""
-    from ray import tune
-
-    from clfsys.raykit import continue_checkpoints_after, trial_storage
-
-    fs, trial_dir = trial_storage()
-    whole = _whole_checkpoints(fs, trial_dir)
-    if not whole:
-        return None
-    continue_checkpoints_after(whole[-1])
-    return tune.Checkpoint(f"{trial_dir}/{whole[-1]}", filesystem=fs)
 
 
 # --- on the driver ---------------------------------------------------------------------------
@@ -353,7 +292,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                 f"tune.warm_start.continue_top is {cfg.tune.warm_start.continue_top}, but only "
                 f"{len(continued)} earlier trial(s) inside this space have a checkpoint column "
                 f"in {warm.source}/trials.parquet")
-        check_checkpoints([e.checkpoint for e in continued])
+        checkpoints.check_whole([e.checkpoint for e in continued])
     staging = Path(storage.staging_dir(out))
     staging.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -377,7 +316,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     base = cfg.replace(**{"train.epochs": cfg.tune.max_epochs, "train.verbose": 0})
     trainable = tune.with_resources(restore_only_whole(
         tune.with_parameters(_trial, base=base, dataset=dataset, callbacks=list(callbacks)),
-        _recorded_checkpoint_is_whole), resources)
+        checkpoints.recorded_is_whole), resources)
     if resume:
         # Tune restores the searcher and scheduler it saved when the search began.
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
