@@ -177,6 +177,12 @@ def _leaderboard_html(rows: list[dict]) -> str:
     return f"<table><tr><th>#</th>{head}</tr>{''.join(body)}</table>"
 
 
+def _outside_html(outside: dict[str, str]) -> str:
+    cells = "".join(f"<tr><td>{html.escape(t)}</td><td>{html.escape(why)}</td></tr>"
+                    for t, why in outside.items())
+    return f"<table><tr><th>earlier trial</th><th>why it was not used</th></tr>{cells}</table>"
+
+
 def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path, *,
                   experiment: str, wall_s: float, warm=None) -> dict:
     """Write trials.csv/.parquet, best/ and report/ to `location` (staged in the local folder
@@ -253,6 +259,8 @@ def write_outputs(grid, cfg: Config, dataset: Dataset, location: str, out: Path,
         ("Best model: learning curves", "<img src='best_learning_curves.png'>"),
         ("Best model: confusion matrix (test)", "<img src='best_confusion_matrix.png'>"),
         ("Best model: sample test predictions", "<img src='best_samples.png'>"),
+        *([("Warm start: earlier trials outside this space", _outside_html(warm.outside))]
+          if warm and warm.outside else []),
     ])
     print(f"\n== search done: {len(rows)} trials, {errored} errored ({lost} for infrastructure "
           f"reasons), {recovered} recovered from a failure, {not_started} not started, "

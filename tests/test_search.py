@@ -396,6 +396,10 @@ def test_tpe_learns_from_rungs_and_a_warm_started_search_builds_on_its_trials(tm
               (Path(went_on.iloc[0]["path"]) / "result.json").read_text().splitlines()]
     assert epochs == list(range(top["epochs_run"] + 1, epochs[-1] + 1)), epochs
     assert went_on.iloc[0]["param.train.lr"] == top["param.train.lr"]
+    page = (tmp_path / "second" / "report" / "index.html").read_text()
+    assert f"{len(inside)} inside this space and told to the searcher" in page
+    for trial_id in set(first["trial_id"]) - set(inside["trial_id"]):  # named with the key
+        assert f"<td>{trial_id}</td><td>train.lr=" in page
 
 
 @needs_fashion_mnist()
