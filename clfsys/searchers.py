@@ -88,6 +88,7 @@ class RungTPE(OptunaSearch):
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per study made: noise
         self._seed, self._startup, self._max_epochs = seed, startup_trials, max_epochs
         self._ready, self._model_based = ready, model_based
+        self._name = "optuna" if model_based else "random"  # the tune.searcher, in its lines
         self._earlier, self._continued = list(earlier), list(continued)
         self._told = False
         self._seen = {_config_key(e.sample) for e in self._earlier}
@@ -109,18 +110,18 @@ class RungTPE(OptunaSearch):
         if self._continued:
             earlier = self._continued.pop(0)
             self._ot_study.enqueue_trial(earlier.sample, skip_if_exists=False)
-            print(f"optuna: trial {trial_id} continues earlier trial {earlier.trial_id} from "
+            print(f"{self._name}: trial {trial_id} continues earlier trial {earlier.trial_id} from "
                   f"epoch {earlier.epochs} (val_accuracy {earlier.value:.4f})", file=sys.stderr)
             return {**super().suggest(trial_id), CONTINUE_KEY: earlier.checkpoint}
         params, known = self._choose()
         if params is None:
-            print(f"optuna: no configuration of the space is left untried ({len(self._seen)} "
+            print(f"{self._name}: no configuration of the space is left untried ({len(self._seen)} "
                   "tried): no more trials", file=sys.stderr)
             return Searcher.FINISHED
         self._ot_study.enqueue_trial(params, skip_if_exists=False)
         how = ("random" if not self._model_based else
                "TPE" if sum(known.values()) >= self._startup else "random start-up")
-        print(f"optuna: trial {trial_id} chosen by {how} from "
+        print(f"{self._name}: trial {trial_id} chosen by {how} from "
               f"{', '.join(f'{n} {kind}' for kind, n in known.items())}", file=sys.stderr)
         return super().suggest(trial_id)
 
@@ -136,7 +137,7 @@ class RungTPE(OptunaSearch):
                 value=e.value, params=e.sample, intermediate_values={e.epochs: e.value},
                 distributions={name: self._space[name] for name in e.sample}))
         if self._earlier:
-            print(f"optuna: told {len(self._earlier)} earlier trials", file=sys.stderr)
+            print(f"{self._name}: told {len(self._earlier)} earlier trials", file=sys.stderr)
 
     def _choose(self) -> tuple[dict[str, Any] | None, dict[str, int]]:
         """The sampler's choice over what is known now, with every trial under way counted as

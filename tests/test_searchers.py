@@ -91,7 +91,7 @@ def test_it_chooses_only_when_the_scheduler_wants_one_and_keeps_that_across_a_re
     assert again.suggest("b") is None
 
 
-def test_earlier_trials_are_told_once_and_no_configuration_is_sampled_twice():
+def test_earlier_trials_are_told_once_and_no_configuration_is_sampled_twice(capfd):
     """A warm start's earlier trials go into the study before the first choice, completed or
     pruned at their last epoch. In a space of 3 configurations of which 2 were tried earlier,
     the random sampler gives the third, and then says the space is exhausted; a trial that
@@ -116,3 +116,8 @@ def test_earlier_trials_are_told_once_and_no_configuration_is_sampled_twice():
     assert [(t.state, t.value, t.intermediate_values) for t in told] == [
         (TrialState.COMPLETE, 0.6, {9: 0.6}), (TrialState.PRUNED, 0.7, {1: 0.7})]
     assert len(made._ot_study.get_trials()) == 4  # told twice would be 6
+    assert [line for line in capfd.readouterr().err.splitlines() if line.startswith("random:")] \
+        == ["random: told 2 earlier trials",
+            "random: trial a continues earlier trial e0.1 from epoch 9 (val_accuracy 0.6000)",
+            "random: trial b chosen by random from 1 completed, 1 stopped early, 0 under way",
+            "random: no configuration of the space is left untried (3 tried): no more trials"]
