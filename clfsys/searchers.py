@@ -58,7 +58,7 @@ def make_searcher(cfg: Config, ready: Callable[[], bool] | None = None, warm=Non
         from clfsys import warm_start
 
         searcher = RungTPE(
-            seed=cfg.tune.seed, startup_trials=cfg.tune.startup_trials,
+            seed=cfg.tune.seed, startup_trials=cfg.tune.tpe_startup,
             max_epochs=cfg.tune.max_epochs, ready=ready,
             model_based=cfg.tune.searcher == "optuna",
             earlier=warm.inside if warm else (),

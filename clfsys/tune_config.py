@@ -105,8 +105,10 @@ class TuneConfig:
     time_budget_s: float | None = option(None, "Stop starting and running trials after this many "
                                                "seconds.")
     seed: int = option(0, "Seed of the searcher.")
-    startup_trials: int = option(10, "optuna: configurations sampled at random before TPE models "
-                                     "the results (Optuna's default); TPE chooses every later one.")
+    startup_trials: int | None = option(None, "optuna: configurations sampled at random before "
+                                              "TPE models the results; default a third of "
+                                              "num_samples, between 2 and 10 (Optuna's own "
+                                              "default is 10).")
     scheduler: str = option("asha", "asha (pause trials at rungs, promote the top "
                                     "1/reduction_factor), async_asha (Ray's "
                                     "AsyncHyperBandScheduler: decide at each rung on arrival) or "
@@ -126,14 +128,22 @@ class TuneConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
+    @property
+    def tpe_startup(self) -> int:
+        """Configurations sampled at random before TPE chooses (tune.startup_trials)."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return min(10, max(2, self.num_samples // 3))
+
     def __post_init__(self) -> None:
         check(self.searcher in SEARCHERS, "tune.searcher", f"must be one of {list(SEARCHERS)}",
               self.searcher)
         check(self.scheduler in SCHEDULERS, "tune.scheduler",
               f"must be one of {list(SCHEDULERS)}", self.scheduler)
         check(self.num_samples > 0, "tune.num_samples", "must be > 0", self.num_samples)
-        check(self.startup_trials >= 1, "tune.startup_trials", "must be >= 1",
-              self.startup_trials)
+        if self.startup_trials is not None:
+            check(self.startup_trials >= 1, "tune.startup_trials", "must be >= 1",
+                  self.startup_trials)
         if self.max_concurrent_trials is not None:
             check(self.max_concurrent_trials > 0, "tune.max_concurrent_trials", "must be > 0",
                   self.max_concurrent_trials)

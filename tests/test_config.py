@@ -30,6 +30,9 @@ def test_defaults_and_yaml_with_overrides(tmp_path):
     ("data.dataset=folder", "data.path is required for dataset 'folder'"),
     ("train.lr_plateau_patience=0", "train.lr_plateau_patience must be >= 1, got 0"),
     ("train.lr_decay=step", "train.lr_decay must be one of ['none', 'cosine'], got 'step'"),
+    ("tune.warm_start.continue_top=2", "tune.warm_start.continue_top needs "
+                                       "tune.warm_start.path (--warm-start), got 2"),
+    ("tune.startup_trials=0", "tune.startup_trials must be >= 1, got 0"),
     ("lr=0.1", "must be dotted"),
     ("train.lr", "--set expects key=value"),
 ])
@@ -78,3 +81,11 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("model.units=[1, 2]") == ("model.units", [1, 2])
     assert parse_override("data.path=/a/b=c") == ("data.path", "/a/b=c")
     assert parse_override("data.limit=") == ("data.limit", None)
+
+
+@pytest.mark.parametrize("num_samples, startup", [(3, 2), (9, 3), (12, 4), (100, 10)])
+def test_tpe_starts_at_random_for_a_third_of_the_samples_between_2_and_10(num_samples, startup):
+    cfg = load_config(None, [f"tune.num_samples={num_samples}"])
+    assert cfg.tune.startup_trials is None and cfg.tune.tpe_startup == startup
+    assert load_config(None, ["tune.startup_trials=7"]).tune.tpe_startup == 7
+
