@@ -133,9 +133,15 @@ class ModelConfig:
     fine_tune_layers: int | None = option(None, "Pretrained backbones: after train.warmup_epochs, "
                                                 "the top N layers of the backbone train (BatchNorm"
                                                 " layers stay frozen, in inference mode).")
-    augment: bool = option(False, "Random zoom and horizontal flip, active in training only.")
+    augment: bool = option(False, "Random shift, zoom, horizontal flip and erasing (each as set "
+                                  "below), active in training only.")
     zoom: float = option(0.1, "Random zoom factor when augment is on.")
     flip: bool = option(True, "Random horizontal flip when augment is on.")
+    translate: float = option(0.0, "Random shift by up to this fraction of the height and width "
+                                   "when augment is on, the gap filled with zeros (a random crop "
+                                   "after 4-pixel padding of a 28x28 image is 0.14).")
+    erase: float = option(0.0, "Random erasing when augment is on: the chance that a training "
+                               "image gets one random rectangle filled with noise.")
 
     def __post_init__(self) -> None:
         check(self.arch in ARCH_PARAMS, "model.arch", f"must be one of {sorted(ARCH_PARAMS)}",
@@ -161,6 +167,8 @@ class ModelConfig:
             if value is not None:
                 check(0 <= value < 1, f"model.{key}", "must be in [0, 1)", value)
         check(0 <= self.zoom < 1, "model.zoom", "must be in [0, 1)", self.zoom)
+        check(0 <= self.translate < 1, "model.translate", "must be in [0, 1)", self.translate)
+        check(0 <= self.erase <= 1, "model.erase", "must be in [0, 1]", self.erase)
         if self.weights is not None:
             check(self.weights in ("imagenet", "none") or str(self.weights).endswith(".h5"),
                   "model.weights", "must be imagenet, none, or a path or URI to a .weights.h5 "

@@ -1,7 +1,8 @@
 """Architecture registry: name -> builder(model_cfg, input_shape, num_classes) -> keras.Model.
 
 Every model takes raw uint8 pixels: rescaling (or a pretrained backbone's own preprocessing) and
-the optional augmentation layers (random zoom, horizontal flip; active only in training) live
+the optional augmentation layers (random shift, zoom, horizontal flip, erasing; active only in
+training) live
 inside the model. Adding an architecture is one builder function, one line in ARCHITECTURES and
 its parameters' defaults in config.ARCH_PARAMS (a ModelConfig arrives complete: builders only
 read its fields).
@@ -39,10 +40,16 @@ def _inputs(cfg: ModelConfig, input_shape: tuple[int, int, int], scale: float = 
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")
     x = keras.layers.Rescaling(scale, offset, name="rescale")(inputs)
     if cfg.augment:
+        if cfg.translate > 0:
+            x = keras.layers.RandomTranslation(cfg.translate, cfg.translate, fill_mode="constant",
+                                               name="translate")(x)
         if cfg.zoom > 0:
             x = keras.layers.RandomZoom(cfg.zoom, fill_mode="constant", name="zoom")(x)
         if cfg.flip:
             x = keras.layers.RandomFlip("horizontal", name="flip")(x)
+        if cfg.erase > 0:
+            x = keras.layers.RandomErasing(factor=(cfg.erase, cfg.erase), name="erase",
+                                           value_range=(offset, offset + 255 * scale))(x)
     return inputs, x
 
 

@@ -18,15 +18,29 @@ def test_tutorial_parameter_counts(arch, params, expected):
     assert model.count_params() == expected
 
 
-def test_augmentation_adds_no_parameters_and_acts_only_in_training():
+def test_augmentation_adds_no_parameters_and_acts_only_in_training(tmp_path):
+    import keras
+
     plain = build_model(ModelConfig(arch="cnn"), (28, 28, 1), 10)
-    augmented = build_model(ModelConfig(arch="cnn", augment=True, zoom=0.3), (28, 28, 1), 10)
+    augmented = build_model(ModelConfig(arch="cnn", augment=True, zoom=0.3, translate=0.14,
+                                        erase=0.5), (28, 28, 1), 10)
+    assert {"translate", "zoom", "flip", "erase"} <= {layer.name for layer in augmented.layers}
     assert augmented.count_params() == plain.count_params() == 542_230
     x = np.random.default_rng(0).integers(0, 255, (4, 28, 28, 1), dtype=np.uint8)
     infer = [np.asarray(augmented(x, training=False)) for _ in range(2)]
     assert np.array_equal(infer[0], infer[1])
     trained = [np.asarray(augmented(x, training=True)) for _ in range(3)]
     assert any(not np.allclose(t, infer[0]) for t in trained)
+    images = np.full((16, 28, 28, 1), 0.5, dtype=np.float32)  # after rescaling
+    for name in ("translate", "erase"):  # each changes training images only
+        layer = augmented.get_layer(name)
+        assert np.array_equal(np.asarray(layer(images, training=False)), images)
+        assert not np.allclose(np.asarray(layer(images + np.eye(28)[None, :, :, None] / 4,
+                                                training=True)),
+                               images + np.eye(28)[None, :, :, None] / 4)
+    augmented.save(tmp_path / "model.keras")  # as a bundle holds it, for labelling and serving
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert np.allclose(np.asarray(loaded(x, training=False)), infer[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
