@@ -275,6 +275,32 @@ def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(cluster, tmp_pa
     assert not (tmp_path / "ray").exists()  # refused before any trial started
 
 
+def test_a_warm_start_from_a_local_folder_is_refused_when_trials_continue_on_a_cluster(
+        cluster, s3, tmp_path):
+    """Continued trials read the earlier checkpoints wherever they land; the worker node cannot
+    see the head's folder, so the search is refused before any trial starts."""
+    import pandas as pd
+
+    earlier = tmp_path / "earlier"
+    checkpoint = earlier / "ray" / "search" / "trial_e1" / "checkpoint_000002"
+    checkpoint.mkdir(parents=True)
+    for name in ("state.json", "model.keras", "best.keras"):
+        (checkpoint / name).write_text("{}")
+    pd.DataFrame([{"trial_id": "e1", "param.train.lr": 0.01, "best_val_accuracy": 0.8,
+                   "epochs_run": 2, "stopped_by": "max_epochs", "checkpoint": str(checkpoint)}]
+                 ).to_parquet(earlier / "trials.parquet")
+    config = search_config(tmp_path, s3.uri("refused-warm"))
+    done = clfsys(cluster, "tune", "--config", str(config), "--out", s3.uri("refused-warm-out"),
+                  "--warm-start", str(earlier), "--set", "tune.warm_start.continue_top=1")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (f"tune.warm_start.path is {earlier}, a local path, but the cluster has 2 nodes: "
+            "they could not read the earlier trials' checkpoints there") in done.stderr
+    assert "warm start: 1 earlier trials" in done.stderr
+    from clfsys import storage
+
+    assert not storage.list_files(s3.uri("refused-warm"))  # no trial started
+
+
 def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_path):
     from search_job import epochs_begun, went_on
 
