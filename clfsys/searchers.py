@@ -31,6 +31,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState, create_trial
@@ -139,14 +140,19 @@ class RungTPE(OptunaSearch):
         if self._earlier:
             print(f"{self._name}: told {len(self._earlier)} earlier trials", file=sys.stderr)
 
+    def _choice_seed(self) -> int:
+        """The seed of this choice's sampler: a function of the search's seed and the choice's
+        number (seed + number would give neighbouring seeds the same draws, shifted by one)."""
+        return int(np.random.SeedSequence((self._seed, self._chosen)).generate_state(1)[0])
+
     def _choose(self) -> tuple[dict[str, Any] | None, dict[str, int]]:
         """The sampler's choice over what is known now, with every trial under way counted as
         pruned at its last epoch, and what it knew; None when every draw repeats a configuration
         already tried. A study of its own, rebuilt for each choice (the trials stay running in
-        the searcher's study); its seed moves on with each choice."""
+        the searcher's study); its seed changes with each choice."""
         view = optuna.create_study(
             direction=self._ot_study.direction,
-            sampler=self._make_sampler(self._model_based, self._seed + self._chosen, self._startup))
+            sampler=self._make_sampler(self._model_based, self._choice_seed(), self._startup))
         known = {"completed": 0, "stopped early": 0, "under way": 0}
         for trial in self._ot_study.get_trials(deepcopy=False):
             if trial.state == TrialState.COMPLETE:

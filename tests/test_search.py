@@ -297,68 +297,20 @@ CONDITIONAL = """
     """
 
 
-def sampled_points(table: pd.DataFrame) -> list[tuple]:
-    """The trials' parameters, sorted (Optuna's trial ids carry no creation order)."""
-    columns = sorted(c for c in table.columns if c.startswith("param."))
-    return sorted(tuple(row) for row in table[columns].astype(str).itertuples(index=False))
-
-
-def test_optuna_tpe_chooses_the_configurations_after_its_random_start(tmp_path):
-    """Two seeded Optuna searches of 4 trials, one at a time: one all random (4 start-up
-    trials), one where TPE chooses after 2. The same seed samples the same 2 first; TPE, which
-    models their results, then chooses others than the random sampler would. (Conditional
-    parameters used to be named <arch>/<key>, which Tune flattens on: Optuna failed at once.)"""
-    folder = write_folder(tmp_path / "images", per_class=10, size=16)
-    runs, largest = [], 0
-    for run, startup in enumerate((4, 2)):
-        cfg = search_config(folder, CONDITIONAL, **{
-            "tune.searcher": "optuna", "tune.startup_trials": startup, "tune.num_samples": 4,
-            "tune.max_epochs": 1, "tune.grace_period": 1, "tune.scheduler": "none",
-            "tune.max_concurrent_trials": 1, "tune.seed": 3})
-        if run == 1:  # the largest model of the first run is not allowed now
-            cfg = cfg.replace(**{"tune.select.max_params": largest - 1})
-        result = run_search(cfg, tmp_path / f"run{run}")
-        table = pd.read_csv(tmp_path / f"run{run}" / "trials.csv")
-        # Every trial measured what its model costs to serve.
-        assert (table[["ms_per_image_b1", "ms_per_image_b32", "model_mb"]] > 0).all().all()
-        assert (table["params"] > 0).all()
-        largest = int(table["params"].max())
-        assert len(table) == 4 and (table["status"] == "TERMINATED").all(), table.to_string()
-        assert result["trials"] == 4
-        for _, row in table.iterrows():  # each trial carries its own architecture's parameter
-            own = "param.model.filters" if row["param.model.arch"] == "cnn" else \
-                "param.model.units"
-            assert pd.notna(row[own]), row.to_dict()
-        runs.append(set(sampled_points(table)))
-    random_only, with_tpe = runs
-    assert len(random_only) == len(with_tpe) == 4  # four different points each
-    assert len(random_only & with_tpe) == 2, (random_only, with_tpe)
-    # Selection under tune.select: the most accurate trial within the limit.
-    limit = cfg.tune.select.max_params
-    ranked = table.sort_values("best_val_accuracy", ascending=False, kind="stable")
-    allowed = ranked[ranked["params"] <= limit]
-    assert (table["meets_select"] == (table["params"] <= limit)).all()
-    assert result["best_trial"] == allowed.iloc[0]["trial_id"]
-    ahead = ranked.index.get_loc(allowed.index[0])
-    assert result["ruled_out"] == ({"params": ahead} if ahead else {})
-    assert result["params"] == allowed.iloc[0]["params"]
-    page = (tmp_path / "run1" / "report" / "index.html").read_text()
-    assert "accuracy_vs_latency.png" in page
-    assert (tmp_path / "run1" / "report" / "accuracy_vs_latency.png").stat().st_size > 5000
-
-
 def test_tpe_learns_from_rungs_and_a_warm_started_search_builds_on_its_trials(tmp_path, capfd):
     """1. Optuna under the default scheduler, PromotingASHA, which parks new trials: Tune used
-    to take all 4 configurations from the searcher before any trial had a result, so TPE chose
-    none of them. Now each is chosen when the one before it starts. One trial at a time: the
-    4th is chosen once the first two wait at the rung (epoch 1) and the 3rd has started, by
-    TPE (2 start-up trials), from those two; no trial has completed yet.
-    2. A search warm-started from it, in a narrower lr range: the earlier trials inside are told
-    to TPE, those outside are counted, and the best inside goes on from its checkpoint, its
-    epochs continuing where the earlier search left it."""
+    to take every configuration from the searcher before any trial had a result, so TPE chose
+    none of them. Now each is chosen when the one before it starts. One trial at a time, one
+    start-up trial: the 3rd is chosen by TPE once the 1st waits at the rung (epoch 1) and the
+    2nd has started; no trial has completed yet. (Conditional parameters used to be named
+    <arch>/<key>, which Tune flattens on: Optuna failed at once.)
+    2. A search warm-started from it, in an lr range that leaves one earlier trial out: the two
+    inside are told to TPE, the one outside is named, and the best inside goes on from its
+    checkpoint, its epochs continuing where the earlier search left it; tune.select picks the
+    most accurate trial within its limit."""
     folder = write_folder(tmp_path / "images", per_class=10, size=16)
     cfg = search_config(folder, CONDITIONAL, **{
-        "tune.searcher": "optuna", "tune.startup_trials": 2, "tune.num_samples": 4,
+        "tune.searcher": "optuna", "tune.startup_trials": 1, "tune.num_samples": 3,
         "tune.max_epochs": 3, "tune.grace_period": 1, "tune.reduction_factor": 3,
         "tune.max_concurrent_trials": 1, "tune.seed": 3})
     assert cfg.tune.scheduler == "asha"
@@ -366,27 +318,34 @@ def test_tpe_learns_from_rungs_and_a_warm_started_search_builds_on_its_trials(tm
     chosen = [line for line in capfd.readouterr().err.splitlines()
               if line.startswith("optuna: trial ")]
     first = pd.read_csv(tmp_path / "first" / "trials.csv")
-    assert result["trials"] == len(first) == len(chosen) == 4, chosen
+    assert result["trials"] == len(first) == len(chosen) == 3, chosen
     assert [line.split(" chosen by ")[1] for line in chosen] == [
         "random start-up from 0 completed, 0 stopped early, 0 under way",
         "random start-up from 0 completed, 0 stopped early, 0 under way",
-        "random start-up from 0 completed, 0 stopped early, 1 under way",
-        "TPE from 0 completed, 0 stopped early, 2 under way"], chosen
+        "TPE from 0 completed, 0 stopped early, 1 under way"], chosen
     assert sorted(line.split()[2] for line in chosen) == sorted(first["trial_id"])
-    assert (first["stopped_by"] == "asha").sum() >= 2, first.to_string()
+    assert (first["stopped_by"] == "asha").sum() == 2, first.to_string()
+    # Every trial measured what its model costs to serve, and carries its own architecture's
+    # parameter.
+    assert (first[["ms_per_image_b1", "ms_per_image_b32", "model_mb"]] > 0).all().all()
+    assert (first["params"] > 0).all()
+    for _, row in first.iterrows():
+        own = "param.model.filters" if row["param.model.arch"] == "cnn" else "param.model.units"
+        assert pd.notna(row[own]), row.to_dict()
 
     narrow = yaml.safe_load(CONDITIONAL)
-    narrow["train.lr"] = {"loguniform": [0.005, 0.02]}
+    cut = sorted(first["param.train.lr"])[1]  # the two lowest are inside
+    narrow["train.lr"] = {"loguniform": [0.005, float(cut)]}
+    limit = int(first["params"].max())
     cfg = cfg.replace(**{"tune.space": narrow, "tune.num_samples": 2, "tune.max_epochs": 5,
                          "tune.warm_start.path": str(tmp_path / "first"),
-                         "tune.warm_start.continue_top": 1})
+                         "tune.warm_start.continue_top": 1, "tune.select.max_params": limit})
     result = run_search(cfg, tmp_path / "second")
     err = capfd.readouterr().err
-    inside = first[first["param.train.lr"] <= 0.02]
-    assert result["warm_start"] == {
-        "from": str(tmp_path / "first"), "earlier_trials": 4, "used": len(inside),
-        "outside_space": 4 - len(inside), "continued": 1}, err[-3000:]
-    assert f"optuna: told {len(inside)} earlier trials" in err
+    inside = first[first["param.train.lr"] <= cut]
+    assert result["warm_start"] == {"from": str(tmp_path / "first"), "earlier_trials": 3,
+                                    "used": 2, "outside_space": 1, "continued": 1}, err[-3000:]
+    assert "optuna: told 2 earlier trials" in err
     top = inside.sort_values(["best_val_accuracy", "epochs_run", "trial_id"],
                              ascending=[False, False, True]).iloc[0]
     second = pd.read_csv(tmp_path / "second" / "trials.csv")
@@ -396,10 +355,18 @@ def test_tpe_learns_from_rungs_and_a_warm_started_search_builds_on_its_trials(tm
               (Path(went_on.iloc[0]["path"]) / "result.json").read_text().splitlines()]
     assert epochs == list(range(top["epochs_run"] + 1, epochs[-1] + 1)), epochs
     assert went_on.iloc[0]["param.train.lr"] == top["param.train.lr"]
+    # Selection under tune.select: the most accurate trial within the limit.
+    ranked = second.sort_values("best_val_accuracy", ascending=False, kind="stable")
+    allowed = ranked[ranked["params"] <= limit]
+    assert (second["meets_select"] == (second["params"] <= limit)).all()
+    assert result["best_trial"] == allowed.iloc[0]["trial_id"]
+    ahead = ranked.index.get_loc(allowed.index[0])
+    assert result["ruled_out"] == ({"params": ahead} if ahead else {})
     page = (tmp_path / "second" / "report" / "index.html").read_text()
-    assert f"{len(inside)} inside this space and told to the searcher" in page
-    for trial_id in set(first["trial_id"]) - set(inside["trial_id"]):  # named with the key
-        assert f"<td>{trial_id}</td><td>train.lr=" in page
+    assert "2 inside this space and told to the searcher" in page
+    (outside,) = set(first["trial_id"]) - set(inside["trial_id"])
+    assert f"<td>{outside}</td><td>train.lr=" in page  # named with the key
+    assert (tmp_path / "second" / "report" / "accuracy_vs_latency.png").stat().st_size > 5000
 
 
 @needs_fashion_mnist()

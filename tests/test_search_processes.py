@@ -31,8 +31,8 @@ def move_forward(trial: Path) -> None:
     (torn / "state.json").write_text((moved / "state.json").read_text())
 
 
-# `none`: test_cluster.py, on S3. Optuna's searcher state (RungTPE) is restored too.
-@pytest.mark.parametrize("scheduler, searcher", [("asha", "random"), ("asha", "optuna")])
+# `none`: test_cluster.py, on S3. (RungTPE's save and restore: tests/test_searchers.py.)
+@pytest.mark.parametrize("scheduler, searcher", [("asha", "random")])
 def test_resume_after_the_driver_is_killed_goes_on_where_each_trial_was(tmp_path, scheduler,
                                                                         searcher):
     config = job_config(tmp_path, f"""

@@ -14,6 +14,7 @@ from clfsys.searchers import RungTPE
 
 SPACE = {"train.lr": tune.uniform(0.0, 1.0)}
 STARTUP = 6
+WAITING = 20
 
 
 def searcher(stock: bool = False, **kwargs):
@@ -23,7 +24,7 @@ def searcher(stock: bool = False, **kwargs):
     return made
 
 
-def choose(made, world, n_waiting: int = STARTUP, n_more: int = 4) -> list[float]:
+def choose(made, world, n_waiting: int = WAITING, n_more: int = 6) -> list[float]:
     """`n_waiting` trials reach the first rung (epoch 1) and wait there; then `n_more` are
     chosen. In `world`, a trial's rung value is world(lr)."""
     for i in range(n_waiting):
@@ -42,8 +43,8 @@ def test_tpe_chooses_from_the_results_of_trials_waiting_at_a_rung(capfd):
     low = choose(searcher(), lambda lr: 1 - lr)
     assert np.mean(high) > np.mean(low) + 0.2, (high, low)
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("optuna:")]
-    assert lines[STARTUP] == ("optuna: trial n0 chosen by TPE from 0 completed, 0 stopped early, "
-                              f"{STARTUP} under way"), lines
+    assert lines[WAITING] == ("optuna: trial n0 chosen by TPE from 0 completed, 0 stopped early, "
+                              f"{WAITING} under way"), lines
     assert "chosen by random start-up from 0 completed" in lines[0]
     stock = [choose(searcher(stock=True), world) for world in (lambda lr: lr, lambda lr: 1 - lr)]
     assert stock[0] == stock[1]
@@ -121,3 +122,11 @@ def test_earlier_trials_are_told_once_and_no_configuration_is_sampled_twice(capf
             "random: trial a continues earlier trial e0.1 from epoch 9 (val_accuracy 0.6000)",
             "random: trial b chosen by random from 1 completed, 1 stopped early, 0 under way",
             "random: no configuration of the space is left untried (3 tried): no more trials"]
+
+
+def test_the_same_seed_samples_the_same_start_up_configurations():
+    other = RungTPE(seed=8, startup_trials=STARTUP, max_epochs=9)
+    other.set_search_properties("val_accuracy", "max", SPACE)
+    runs = [[made.suggest(f"t{i}")["train.lr"] for i in range(3)]
+            for made in (searcher(), searcher(), other)]
+    assert runs[0] == runs[1] and len(set(runs[0]) & set(runs[2])) == 0, runs
