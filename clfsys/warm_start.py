@@ -39,6 +39,8 @@ class Earlier:
 
 @dataclass(frozen=True)
 class WarmStart:
+    """An earlier search (`source`, its --out) placed in the new space."""
+
     source: str
     inside: list[Earlier]
     outside: dict[str, str]  # trial id -> why it is outside the new space
