@@ -233,9 +233,16 @@ TABLE_HEAD = ("| run                                  | test acc | best val acc 
               "--------|---------------|")
 
 
-def _mean_test(runs: list[dict]) -> str:
-    tests = [r["test_accuracy"] for r in runs]
-    return f"mean {sum(tests) / len(tests):.4f} (min {min(tests):.4f}, max {max(tests):.4f})"
+def _print_runs(title: str, runs: dict[str, dict], groups: tuple[str, ...]) -> None:
+    """The table of `runs`, then each group's (runs named with that prefix) test accuracy."""
+    print(f"\n## {title}")
+    print(TABLE_HEAD)
+    for name, r in runs.items():
+        print(_row(name, r))
+    for group in groups:
+        tests = [r["test_accuracy"] for name, r in runs.items() if name.startswith(group)]
+        print(f"{group}: test accuracy mean {sum(tests) / len(tests):.4f} (min {min(tests):.4f}, "
+              f"max {max(tests):.4f})")
 
 
 def tpe(args) -> dict:
@@ -247,14 +254,8 @@ def tpe(args) -> dict:
                                 "tune.searcher": searcher},
                                Path(args.out) / f"tpe-{searcher}-seed{seed}")
             runs[f"{searcher} + ASHA, seed {seed}"] = result
-    print(f"\n## TPE + ASHA against random + ASHA: the default search, {args.budget:.0f} s each, "
-          "full Fashion-MNIST")
-    print(TABLE_HEAD)
-    for name, r in runs.items():
-        print(_row(name, r))
-    for searcher in ("random", "optuna"):
-        mine = [r for n, r in runs.items() if n.startswith(searcher)]
-        print(f"{searcher}: test accuracy {_mean_test(mine)}")
+    _print_runs(f"TPE + ASHA against random + ASHA: the default search, {args.budget:.0f} s "
+                "each, full Fashion-MNIST", runs, ("random", "optuna"))
     plot_curves(runs, Path(args.out) / "tpe.png")
     return {"tpe": runs}
 
@@ -276,14 +277,9 @@ def warm_start(args) -> dict:
         result, _ = search({"tune.time_budget_s": args.budget, "tune.seed": seed},
                            Path(args.out) / f"warm-scratch-seed{seed}")
         runs[f"from scratch, whole budget, seed {seed}"] = result
-    print(f"\n## Warm start: {half:.0f} s + {half:.0f} s warm-started against {args.budget:.0f} s "
-          "from scratch, the default search, full Fashion-MNIST")
-    print(TABLE_HEAD)
-    for name, r in runs.items():
-        print(_row(name, r))
-    for kind in ("warm-started", "from scratch"):
-        mine = [r for n, r in runs.items() if n.startswith(kind)]
-        print(f"{kind}: test accuracy {_mean_test(mine)}")
+    _print_runs(f"Warm start: {half:.0f} s + {half:.0f} s warm-started against "
+                f"{args.budget:.0f} s from scratch, the default search, full Fashion-MNIST", runs,
+                ("warm-started", "from scratch"))
     return {"warm_start": runs}
 
 
@@ -449,9 +445,9 @@ def main() -> None:
         results.update(quality(args, results.get("quality", {})))
     if args.part in ("efficiency", "all"):
         results.update(efficiency(args))
-    if args.part in ("tpe", "all"):
+    if args.part == "tpe":  # 2 hours at the default budget and seeds: only when named
         results.update(tpe(args))
-    if args.part in ("warm-start", "all"):
+    if args.part == "warm-start":  # likewise
         results.update(warm_start(args))
     if args.part in ("quality", "all"):
         results.update(selection(args, Path(args.out) / f"quality-seed{args.seeds[0]}",
