@@ -9,11 +9,12 @@
    and best validation accuracy of each. Keras early stopping is off in both, so the difference
    is ASHA's alone. The space is the issue's: architectures (the tutorials' MLP and CNN, the
    batch-norm and wide CNNs), learning rate, optimizer, batch size, dropout, augmentation.
-3. tpe: the default search with Optuna's TPE (RungTPE, learning from ASHA's rungs) against the
-   default random searcher, same budget and seeds (--seeds): test accuracy of each.
-4. warm-start: per seed, the default search given half the budget, then warm-started from it
-   (--warm-start, continue_top 1) for the other half, against one run of the whole budget
-   from scratch: test accuracy of each.
+3. tpe (only with --part tpe): the default search with Optuna's TPE (RungTPE, learning from
+   ASHA's rungs) against the default random searcher, same budget and seeds (--seeds): test
+   accuracy of each.
+4. warm-start (only with --part warm-start): per seed, the default search given half the
+   budget, then warm-started from it (--warm-start, continue_top 1) for the other half, against
+   one run of the whole budget from scratch: test accuracy of each.
 5. selection: the trials of the quality search (or, with --part selection/efficiency, of the
    ASHA run above) selected again with tune.select.max_latency_ms at half the latency of the
    most accurate trial: the accuracy given up and the latency gained, the constrained best
