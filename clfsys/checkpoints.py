@@ -27,10 +27,20 @@ def check_whole(locations: list[str]) -> None:
     """Refuse, before any trial starts, earlier trials' checkpoints (locations) that are gone or
     incomplete."""
     for location in locations:
-        missing = [f for f in CHECKPOINT_FILES if not storage.is_file(storage.join(location, f))]
+        missing = _missing(*storage.resolve(location))
         if missing:
             raise DataError(f"tune.warm_start.continue_top: checkpoint {location} lacks "
                             f"{', '.join(missing)}")
+
+
+def _missing(fs, folder: str) -> list[str]:
+    """The files of CHECKPOINT_FILES that the checkpoint folder `folder` lacks or holds empty
+    (a killed upload can leave one half written)."""
+    import pyarrow.fs
+
+    present = {info.base_name for info in fs.get_file_info(
+        pyarrow.fs.FileSelector(folder, allow_not_found=True)) if info.size}
+    return [name for name in CHECKPOINT_FILES if name not in present]
 
 
 def whole_checkpoints(fs, folder: str) -> list[str]:
@@ -52,8 +62,7 @@ def whole_checkpoints(fs, folder: str) -> list[str]:
 def recorded_is_whole(checkpoint) -> bool:
     """Runs on the trial's worker before Tune restores `checkpoint` (see
     raykit.restore_only_whole)."""
-    trial_dir, name = checkpoint.path.rstrip("/").rsplit("/", 1)
-    if name in whole_checkpoints(checkpoint.filesystem, trial_dir):
+    if not _missing(checkpoint.filesystem, checkpoint.path.rstrip("/")):
         return True
     print(f"checkpoint {checkpoint.path}, recorded by the search, is gone or incomplete: "
           "looking for the newest whole one", file=sys.stderr)

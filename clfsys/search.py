@@ -280,7 +280,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     elif storage.list_files(out):
         raise DataError(f"--out {out_dir} is not empty; pass --resume to continue the search "
                         "there, or choose a new directory")
-    warm = None
+    warm, continued = None, []
     if cfg.tune.warm_start.path:
         from clfsys import warm_start
 
@@ -331,7 +331,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=cfg.tune.num_samples,
                 search_alg=make_searcher(cfg, getattr(scheduler, "wants_configuration", None),
-                                         warm),
+                                         warm, continued),
                 scheduler=scheduler,
                 time_budget_s=cfg.tune.time_budget_s, reuse_actors=False,
                 trial_dirname_creator=_trial_dirname),

@@ -45,25 +45,25 @@ RANK_METRIC = "best_val_accuracy"
 DRAWS = 100  # draws of a choice before the space counts as exhausted
 
 
-def make_searcher(cfg: Config, ready: Callable[[], bool] | None = None, warm=None):
+def make_searcher(cfg: Config, ready: Callable[[], bool] | None = None, warm=None,
+                  continued: Sequence[Any] = ()):
     """The search algorithm, with tune.max_concurrent_trials applied (Tune ignores its own
     max_concurrent_trials when given a BasicVariantGenerator, so the limit lives here). Under
     PromotingASHA the scheduler applies the limit instead: a searcher's limit counts trials
     paused at a rung as running. `ready` says whether the scheduler wants a new configuration
     now (see RungTPE). `warm` (a warm_start.WarmStart) gives the earlier search's trials: then
-    `random` is RungTPE with Optuna's random sampler, which never repeats one of them."""
+    `random` is RungTPE with Optuna's random sampler, which never repeats one of them;
+    `continued` are those of them to continue (warm_start.best)."""
     limit = 0 if cfg.tune.scheduler == "asha" else cfg.tune.max_concurrent_trials
     if cfg.tune.searcher == "optuna" or warm is not None:
         from ray.tune.search import ConcurrencyLimiter
-
-        from clfsys import warm_start
 
         searcher = RungTPE(
             seed=cfg.tune.seed, startup_trials=cfg.tune.tpe_startup,
             max_epochs=cfg.tune.max_epochs, ready=ready,
             model_based=cfg.tune.searcher == "optuna",
             earlier=warm.inside if warm else (),
-            continued=warm_start.best(warm, cfg.tune.warm_start.continue_top) if warm else ())
+            continued=continued)
         return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
     from ray.tune.search import BasicVariantGenerator
 
@@ -172,8 +172,9 @@ class RungTPE(OptunaSearch):
         self._chosen += 1
         for _ in range(DRAWS):
             params = view.ask(self._space).params
-            if _config_key(params) not in self._seen:
-                self._seen.add(_config_key(params))
+            key = _config_key(params)
+            if key not in self._seen:
+                self._seen.add(key)
                 return params, known
         return None, known
 
