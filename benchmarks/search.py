@@ -2,7 +2,7 @@
 
 1. quality: the default search of jobs/fashion_mnist.yaml on the full data within a wall-clock
    budget, once per --seeds, and Keras Tuner's Hyperband on the same space, builders, splits and
-   budget: each side's best test accuracy and the wall time at which it first reached 0.92
+   budget: each side's best test accuracy and the wall time at which it first reached 0.93
    validation accuracy; quality.png plots the best validation accuracy over time.
 2. efficiency: on a 10,000-image subset, the same 12 sampled configurations run (a) to
    max_epochs without a scheduler and (b) with ASHA (clfsys's default: promotions); epochs spent
@@ -35,8 +35,10 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-REACH = 0.92
+REACH = 0.93
 """Validation accuracy whose first arrival is timed on both sides of the head-to-head."""
+TARGET = 0.945
+"""Test accuracy the default search must reach on every seed (issue 26)."""
 
 
 def search(overrides: dict, out: Path) -> tuple[dict, Any]:
@@ -207,8 +209,8 @@ def quality(args, recorded: dict) -> dict:
     ours = [r for name, r in runs.items() if name.startswith("clfsys")]
     tests = [r["test_accuracy"] for r in ours]
     print(f"clfsys test accuracy over {len(tests)} seed(s): min {min(tests):.4f}, mean "
-          f"{sum(tests) / len(tests):.4f} (target >= 0.935: "
-          f"{'met' if min(tests) >= 0.935 else 'NOT met'} by every seed)")
+          f"{sum(tests) / len(tests):.4f} (target >= {TARGET}: "
+          f"{'met' if min(tests) >= TARGET else 'NOT met'} by every seed)")
     if args.keras_tuner:
         peer = runs[f"Keras Tuner Hyperband, seed {args.seeds[0]}"]
         first = ours[0]
