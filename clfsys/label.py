@@ -159,9 +159,12 @@ class LabelActor:
         from clfsys.predict import Predictor
 
         self.predictor = Predictor(source.open(), top_k=top_k)
+        self.predictor.warm_up()  # trace the model now, while the decode tasks run
         self.min_confidence = min_confidence
 
     def __call__(self, batch: dict[str, np.ndarray]):
+        """The batch's output rows as one Arrow table, built column by column from the model's
+        arrays (no Python object per row)."""
         import pyarrow as pa
 
         # An all-null string column can come back from Arrow as NaNs: only strings count.
@@ -170,22 +173,31 @@ class LabelActor:
         n = len(errors)
         ok = np.array([e is None and r is None for e, r in zip(errors, read_errors,
                                                                 strict=True)], dtype=bool)
-        label: list[Any] = [None] * n
-        index: list[Any] = [None] * n
-        confidence: list[Any] = [None] * n
-        top_k: list[Any] = [None] * n
-        review: list[Any] = [None] * n
-        if ok.any():
-            for row, record in zip(np.flatnonzero(ok), self.predictor.rows(batch["image"][ok]),
-                                   strict=True):
-                label[row], index[row] = record["label"], record["label_index"]
-                confidence[row], top_k[row] = record["confidence"], record["top_k"]
-                review[row] = confidence[row] < self.min_confidence
-        return pa.Table.from_pydict({
-            "path": [str(p) for p in batch["path"]], "label": label, "label_index": index,
-            "confidence": confidence, "top_k": top_k, "needs_review": review, "error": errors,
-            "model_id": [self.predictor.model_id] * n, "read_error": read_errors,
-        }, schema=_pipeline_schema())
+        result = self.predictor.predict(batch["image"][ok])
+        k = result["top_k_index"].shape[1] if ok.any() else self.predictor.top_k
+        index = np.zeros(n, dtype=np.int64)
+        index[ok] = result["label_index"]
+        confidence = np.zeros(n)
+        confidence[ok] = result["confidence"]
+        names = pa.array(self.predictor.class_names, pa.string())
+        top_k = pa.ListArray.from_arrays(
+            pa.array(np.cumsum(np.r_[0, np.where(ok, k, 0)]), pa.int32()),
+            pa.StructArray.from_arrays(
+                [names.take(pa.array(result["top_k_index"].ravel())),
+                 pa.array(result["top_k_score"].ravel(), pa.float64())],
+                names=["label", "score"]),
+            mask=pa.array(~ok))
+        return pa.Table.from_arrays([
+            pa.array([str(p) for p in batch["path"]], pa.string()),
+            names.take(pa.array(index, mask=~ok)),
+            pa.array(index, mask=~ok),
+            pa.array(confidence, mask=~ok),
+            top_k,
+            pa.array(confidence < self.min_confidence, mask=~ok),
+            pa.array(errors, pa.string()),
+            pa.array([self.predictor.model_id] * n, pa.string()),
+            pa.array(read_errors, pa.string()),
+        ], schema=_pipeline_schema())
 
 
 def _pipeline_schema():

@@ -75,6 +75,10 @@ class Predictor:
     def model_id(self) -> str:
         return self.bundle.model_id
 
+    def warm_up(self) -> None:
+        """Trace the model's call now: the first call of the tf.function pays its tracing."""
+        self.probabilities(np.zeros((1, *self.bundle.input_shape), dtype=np.uint8))
+
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> this model's input array (raises images.ImageError)."""
         return images.decode(data, self.bundle.image_size, self.bundle.color_mode,

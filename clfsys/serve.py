@@ -181,8 +181,7 @@ class ModelServer:
         self._decoder = (ThreadPoolExecutor(options.decode_threads, "decode")
                          if options.decode_threads else None)
         self._batcher = Batcher(self._run, options.max_batch_size, options.batch_wait_ms / 1000)
-        # Warm-up: trace the model function before reporting ready.
-        self.predictor.rows(np.zeros((1, *self.input_shape), dtype=np.uint8))
+        self.predictor.warm_up()  # before reporting ready
 
     def __serve_build_asgi_app__(self):
         from clfsys import http
