@@ -226,6 +226,21 @@ class LocalCluster:
                          "--filter", "state=ALIVE"], timeout=60)
         return json.loads(out)
 
+    def alive_actors(self) -> set[str]:
+        out = self._ray(["list", "actors", "--address", self.address, "--format", "json",
+                         "--filter", "state=ALIVE", "--limit", "10000"], timeout=60)
+        return {actor["actor_id"] for actor in json.loads(out)}
+
+    def wait_actors_gone(self, keep: set[str], timeout_s: float = 120) -> None:
+        """Wait until every live actor is one of `keep`. A driver killed with SIGKILL leaves its
+        job's actors (a search's trials) running, and writing, until Ray sees the driver gone
+        and ends them: a test that reads what they wrote must wait for that first."""
+        deadline = time.monotonic() + timeout_s
+        while left := self.alive_actors() - keep:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(left)} actors of a killed driver still alive")
+            time.sleep(0.5)
+
     def head_node_id(self) -> str:
         return next(n["node_id"] for n in self.nodes() if n["is_head_node"])
 

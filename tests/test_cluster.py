@@ -234,7 +234,9 @@ def test_storage_failure_mid_run_exits_non_zero_and_resume_completes(cluster, s3
         first.wait(timeout=600)
         text = "".join(log)
         assert first.returncode == 1, text[-3000:]
-        summary = json.loads(first.stdout.read().strip().splitlines()[-1])
+        stdout = first.stdout.read()
+        assert stdout.strip(), text[-6000:]
+        summary = json.loads(stdout.strip().splitlines()[-1])
         assert summary["unread"] > 0 and summary["missing"] == summary["unread"]
         assert summary["errors"] == {}  # a failure to read is never an error row
         assert f"{summary['unread']} files could not be read" in text
@@ -311,6 +313,7 @@ def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_pa
     out, log = s3.uri("tune-out"), s3.uri("tune-epochs")
     command = [sys.executable, str(Path(__file__).with_name("search_job.py")), str(config), out,
                log, "--fail-once"]
+    earlier_actors = cluster.alive_actors()
     with open(tmp_path / "first.log", "w") as first:
         driver = subprocess.Popen(command, cwd=ROOT, env=cluster.client_env, stdout=first,
                                   stderr=first, start_new_session=True)
@@ -324,6 +327,7 @@ def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_pa
             time.sleep(0.5)
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    cluster.wait_actors_gone(earlier_actors)  # the killed search's trials log no more epochs
     first_log = (tmp_path / "first.log").read_text()
     before = epochs_begun(log)
     assert any(3 in e for e in before.values()), first_log[-3000:]
