@@ -229,6 +229,8 @@ class LocalCluster:
     def alive_actors(self) -> set[str]:
         out = self._ray(["list", "actors", "--address", self.address, "--format", "json",
                          "--filter", "state=ALIVE", "--limit", "10000"], timeout=60)
+        if out.strip() == "No resource in the cluster":  # what it prints for none, even as json
+            return set()
         return {actor["actor_id"] for actor in json.loads(out)}
 
     def wait_actors_gone(self, keep: set[str], timeout_s: float = 120) -> None:
