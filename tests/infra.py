@@ -207,10 +207,19 @@ class LocalCluster:
         self.sessions.append(proc.pid)
         self.worker_sessions[index] = proc.pid
 
-    def kill_worker(self, index: int = 0) -> None:
+    def kill_worker(self, index: int = 0, timeout_s: float = 30) -> None:
         """The worker node dies: SIGKILL to its raylet and every worker process on it, as when
-        a machine is lost (the head and the drivers stay)."""
-        kill_sessions(self.worker_sessions.pop(index))
+        a machine is lost (the head and the drivers stay). Returns once they are dead, so that
+        nothing the test reads afterwards was written by the node after its death."""
+        from clfsys.processes import stat
+
+        session = self.worker_sessions.pop(index)
+        kill_sessions(session)
+        deadline = time.monotonic() + timeout_s
+        while any(stat(pid)[:1] not in ([], ["Z"], ["X"]) for pid in in_sessions(session)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker node's processes outlived SIGKILL {timeout_s} s")
+            time.sleep(0.1)
 
     def restart_worker(self, index: int = 0, timeout_s: float = 180) -> None:
         """A new worker node in the place of a killed one (a new node id)."""

@@ -406,6 +406,9 @@ def test_a_search_on_s3_survives_a_lost_node(cluster, s3, tmp_path):
                 time.sleep(0.3)
             assert driver.poll() is None, "the search ended before the node could be killed"
             cluster.kill_worker()
+            # What each trial had begun when the node died: the worker's trial may have begun
+            # another epoch since the last look, which it then begins again from its checkpoint.
+            before = epochs_begun(log)
             driver.wait(timeout=600)
         text = (tmp_path / "search.log").read_text()
         assert driver.returncode == 0, text[-4000:]
