@@ -174,7 +174,7 @@ class LabelActor:
         ok = np.array([e is None and r is None for e, r in zip(errors, read_errors,
                                                                 strict=True)], dtype=bool)
         result = self.predictor.predict(batch["image"][ok])
-        k = result["top_k_index"].shape[1] if ok.any() else self.predictor.top_k
+        k = result["top_k_index"].shape[1]  # (0, top_k) when no row decoded
         index = np.zeros(n, dtype=np.int64)
         index[ok] = result["label_index"]
         confidence = np.zeros(n)

@@ -2,16 +2,18 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, needs_fashion_mnist, write_folder
 
 
-def clfsys(*args, cwd=ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+def clfsys(*args, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     return subprocess.run([sys.executable, "-m", "clfsys.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=env, timeout=600)
 
@@ -82,6 +84,41 @@ def test_data_mistakes_name_the_folder_or_file(job, tmp_path):
     single = write_folder(tmp_path / "single", per_class=3, classes=["only"])
     assert_user_error(clfsys("train", "--config", job, "--set", f"data.path={single}",
                              "--out", tmp_path / "o3"), "at least 2 class subfolders")
+
+
+def test_a_ray_address_that_does_not_answer_is_one_line_exit_2(job, tmp_path):
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address, fragment in [(f"127.0.0.1:{port}", f"nothing answers at 127.0.0.1:{port}"),
+                              ("head-node", "expected HOST:PORT")]:
+        done = clfsys("tune", "--config", job, "--out", tmp_path / "search",
+                      env={"RAY_ADDRESS": address})
+        assert_user_error(done, f"RAY_ADDRESS={address}", fragment)
+
+
+def test_a_ray_address_that_answers_but_is_no_ray_head_is_one_line_exit_2(job, tmp_path):
+    """Something accepts connections there, but it is not a GCS: Ray's own ConnectionError
+    becomes one line naming RAY_ADDRESS. Ray's retries are cut short to keep the test quick."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        port = server.getsockname()[1]
+        threading.Thread(target=_accept_and_close, args=(server,), daemon=True).start()
+        done = clfsys("tune", "--config", job, "--out", tmp_path / "search",
+                      env={"RAY_ADDRESS": f"127.0.0.1:{port}",
+                           "RAY_gcs_server_port_wait_time_s": "1",
+                           "RAY_py_gcs_connect_timeout_s": "2",
+                           "RAY_gcs_rpc_server_connect_timeout_s": "2"})
+    assert_user_error(done, f"RAY_ADDRESS=127.0.0.1:{port}", "could not join the Ray cluster")
+
+
+def _accept_and_close(server: socket.socket) -> None:
+    while True:
+        try:
+            server.accept()[0].close()
+        except OSError:  # the test closed the server
+            return
 
 
 @needs_fashion_mnist()
