@@ -4,6 +4,8 @@ Data: (a) all 70,000 Fashion-MNIST images exported as PNGs; (b) the hymenoptera 
 (--photo-copies, default 25: 9,925 files; the issue asks for at least 2,000). For each, in the
 same run:
   - `clfsys label` end to end (Ray Data -> Parquet) with 1 and 2 Predictor actors,
+  - the same with 1 actor on a Ray node that is already running (`on_a_running_node`), as on a
+    cluster: Ray's start and stop are not the command's,
   - a single-process baseline: tf.data decode + model.predict in batches of 1024, no Parquet,
   - the tutorials' per-image loop (load one image, model.predict on it), on a sample,
   - Daft (with --daft-python, as `make bench-label` runs it): the same job as Daft's docs would
@@ -84,11 +86,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
-def measure(command: list[str], env: dict | None = None, watch: dict | None = None) -> dict:
-    """Run `command` in a new session; wall time, peak session RSS and PSS (`session_memory`),
-    its JSON result line, and the CPU seconds used meanwhile by each process in `watch`
-    (name -> pid: the S3 server, this process and its latency proxy)."""
-    watch = watch or {}
+def measure(command: list[str], env: dict | None = None, watch: dict | None = None,
+            sessions: list[int] | None = None) -> dict:
+    """Run `command` in a new session; wall time, peak session RSS and PSS (`session_memory`,
+    with those of `sessions` added: a running Ray node's), its JSON result line, and the CPU
+    seconds used meanwhile by each process in `watch` (name -> pid: the S3 server, this
+    process and its latency proxy)."""
+    watch, sessions = watch or {}, sessions or []
     before = {name: cpu_seconds(pid) for name, pid in watch.items()}
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -99,7 +103,8 @@ def measure(command: list[str], env: dict | None = None, watch: dict | None = No
     def sample():
         nonlocal peak, peak_pss
         while not stop.is_set():
-            rss, pss = session_memory(proc.pid)
+            rss, pss = map(sum, zip(*(session_memory(s) for s in [proc.pid, *sessions]),
+                                    strict=True))
             peak, peak_pss = max(peak, rss), max(peak_pss, pss)
             time.sleep(0.2)
 
@@ -471,6 +476,31 @@ def pipeline_reads(keys: list[str], endpoints: dict[str, str], repeats: int = 2)
     return rates
 
 
+RUNNING = "clfsys label, 1 actor, Ray already running"
+
+
+def on_a_running_node(command: list[str], warm_up: list[str]) -> dict:
+    """`command` as on a cluster: a Ray node (`ray start --head`, all the CPUs) that was up
+    before it and has run a job before (`warm_up`, untimed: a node's first job starts Ray Data's
+    helper actors), so `clfsys label` with RAY_ADDRESS pays neither Ray's start nor its stop.
+    Peak memory counts the node's processes too. The node lives for this run only, so it takes
+    no CPU from the other variants."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from infra import LocalCluster
+
+    node = LocalCluster([], head_cpus=os.cpu_count() or 1, workers=0).start()
+    try:
+        measure(warm_up, node.client_env)
+        return measure(command, node.client_env, sessions=node.sessions)
+    finally:
+        node.stop()
+
+
+def label_command(bundle_dir: Path, inputs, output, actors: int = 1) -> list[str]:
+    return [sys.executable, "-m", "clfsys.cli", "label", "--model", str(bundle_dir), "--input",
+            str(inputs), "--output", str(output), "--actors", str(actors), "--batch-size", "512"]
+
+
 def run_all(args, work: Path, report: dict, s3) -> None:
     from clfsys import storage
     from clfsys.images import is_image_path
@@ -494,9 +524,15 @@ def run_all(args, work: Path, report: dict, s3) -> None:
         for actors in (1, 2):
             out = work / f"labels_{folder.name}_{actors}"
             variants[f"clfsys label, {actors} actor{'s' if actors > 1 else ''}"] = (
-                [sys.executable, "-m", "clfsys.cli", "label", "--model", str(bundle_dir),
-                 "--input", str(folder), "--output", str(out), "--actors", str(actors),
-                 "--batch-size", "512"], out)
+                label_command(bundle_dir, folder, out, actors), out)
+        out = work / f"labels_{folder.name}_running"
+        variants[RUNNING] = (label_command(bundle_dir, folder, out), out)
+        few = work / f"few_{folder.name}"  # the running node's earlier job
+        shutil.rmtree(few, ignore_errors=True)
+        few.mkdir()
+        for i, path in enumerate(files[:512]):
+            shutil.copy(path, few / f"{i}{Path(path).suffix}")
+        warm_up = label_command(bundle_dir, few, few / "labels")
         if s3 is not None:
             inputs = s3.uri("inputs", folder.name)
             started = time.perf_counter()
@@ -504,8 +540,7 @@ def run_all(args, work: Path, report: dict, s3) -> None:
             print(f"uploaded {len(files)} files to {inputs} in "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
             variants["clfsys label, 1 actor, S3 in and out"] = (
-                [sys.executable, "-m", "clfsys.cli", "label", "--model", str(bundle_dir),
-                 "--input", inputs, "--output", "S3_OUTPUT", "--batch-size", "512"], "s3")
+                label_command(bundle_dir, inputs, "S3_OUTPUT"), "s3")
             variants[f"... the same, {DELAY_MS} ms added each way"] = (
                 variants["clfsys label, 1 actor, S3 in and out"][0], "s3-delayed")
         for kind, label in (("tfdata", "single process: tf.data + predict(1024)"),
@@ -529,7 +564,11 @@ def run_all(args, work: Path, report: dict, s3) -> None:
                         env = {**os.environ, "AWS_ENDPOINT_URL": delayed.url}
                 elif out is not None:
                     shutil.rmtree(out, ignore_errors=True)
-                m = measure(command, env, watch)
+                if variant == RUNNING:
+                    shutil.rmtree(few / "labels", ignore_errors=True)
+                    m = on_a_running_node(command, warm_up)
+                else:
+                    m = measure(command, env, watch)
                 result = m["result"]
                 if watch:
                     print(f"{variant}: {m['wall_s']:.1f} s; CPU s meanwhile: "
@@ -566,6 +605,10 @@ def run_all(args, work: Path, report: dict, s3) -> None:
         one, two = (rows[k]["images_per_s"] for k in list(rows)[:2])
         print(f"1 -> 2 actors: {one:.0f} -> {two:.0f} images/s end to end ({two / one:.2f}x). "
               "Ratios use end-to-end rates, except the per-image loop's own (in run, on a sample).")
+        running = rows[RUNNING]["images_per_s"]
+        print(f"On a Ray node already running vs starting Ray itself, 1 actor: {running:.0f} vs "
+              f"{one:.0f} images/s end to end ({running / one:.2f}x); vs the single process "
+              f"{running / single:.2f}x")
         if DAFT in rows:
             daft = rows[DAFT]["images_per_s"]
             print(f"clfsys (best of 1 and 2 actors) vs Daft: {max(one, two):.0f} vs {daft:.0f} "
