@@ -448,6 +448,7 @@ def main() -> None:
                         "candidate default measured as the default")
     parser.add_argument("--out", default="runs/bench/search")
     args = parser.parse_args()
+    args.out = str(Path(args.out).resolve())  # Tune's ExperimentAnalysis takes no relative path
     JOB_SETS.extend(args.set)
     results = {}
     if args.part == "keras-tuner":
