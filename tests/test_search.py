@@ -370,8 +370,7 @@ def test_tpe_learns_from_rungs_and_a_warm_started_search_builds_on_its_trials(tm
 
 
 @needs_fashion_mnist()
-@pytest.mark.parametrize("scheduler, searcher", [
-    ("asha", "random"), ("async_asha", "optuna"), ("none", "random")])
+@pytest.mark.parametrize("scheduler, searcher", [("asha", "random"), ("async_asha", "optuna")])
 def test_a_time_budget_on_the_default_search_writes_every_output(tmp_path, scheduler, searcher):
     """The default job (jobs/fashion_mnist.yaml) stopped by a budget that leaves trials waiting.
     Under the default `asha`, PromotingASHA parks new trials until it chooses them; Tune's
