@@ -315,6 +315,13 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     """Write a whole file atomically: readers see the old file or the new one, never a part
     (a local temporary file renamed into place; a single object upload)."""
     text = normalize(location)
+    if is_uri(text):
+        from clfsys import objectstore
+
+        target = objectstore.target(text)
+        if target is not None:  # one PUT
+            objectstore.put(text, *target, data)
+            return
     fs, path = resolve(text)
     try:
         if not is_uri(text):
