@@ -10,8 +10,9 @@ same run:
   - the tutorials' per-image loop (load one image, model.predict on it), on a sample,
   - Daft (with --daft-python, as `make bench-label` runs it): the same job as Daft's docs would
     have it written (`daft_job`), in its own environment (locks/daft.txt),
-  - the driver's writer alone (without --only): rows/s that the driver turns into Parquet files
-    locally and on S3, the ceiling of a cluster's labelling rate,
+  - the driver's writer alone (without --only, or --only writer): rows/s that the driver turns
+    into Parquet files locally and on S3 (directly and through DELAY_MS each way), the ceiling
+    of a cluster's labelling rate,
   - `clfsys label` with 1 actor reading its inputs from and writing its output to a local S3
     server (SeaweedFS on 127.0.0.1, the same files uploaded first), against local files on one node
     (--no-s3 leaves it out); and the same through a TCP proxy adding DELAY_MS each way
@@ -273,6 +274,7 @@ def writer_capacity(location: str, rows: int = 200_000, block: int = 2048) -> fl
     for _ in range(rows // block):
         failed = table.column("read_error").is_valid()
         writer.write(table.filter(pc.invert(failed)).select(columns))
+    writer.close()
     return writer.written / (time.perf_counter() - started)
 
 
@@ -291,8 +293,9 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=300, help="per-image loop: images")
     parser.add_argument("--photo-copies", type=int, default=25, help="(b): copies of the photos")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median)")
-    parser.add_argument("--only", choices=("a", "b", "reads"),
-                        help="run one dataset, (a) or (b), or only the S3 reads (needs S3)")
+    parser.add_argument("--only", choices=("a", "b", "reads", "writer"),
+                        help="run one dataset, (a) or (b), or only the S3 reads (needs S3), or "
+                        "only the driver's writer")
     parser.add_argument("--no-s3", action="store_true", help="leave out the S3 variant")
     parser.add_argument("--daft-python", help="the Daft environment's python (make bench-label "
                         "makes runs/bench/daft-env); without it the Daft variant is left out")
@@ -316,9 +319,10 @@ def main() -> None:
             report["reads alone"] = reads_alone(s3, sorted(
                 str(p) for p in folder.rglob("*.png"))[:2000])
         else:
-            if not args.only:
+            if args.only in (None, "writer"):
                 report["driver writer alone"] = writer_side(work, s3)
-            run_all(args, work, report, s3)
+            if args.only != "writer":
+                run_all(args, work, report, s3)
     finally:
         if s3 is not None:
             s3.stop()
@@ -331,10 +335,24 @@ def writer_side(work: Path, s3) -> dict:
     shutil.rmtree(work / "writer", ignore_errors=True)
     rates = {"local folder": writer_capacity(str(work / "writer"))}
     if s3 is not None:
+        from infra import DelayProxy
+
+        from clfsys import storage
+
         rates["S3"] = writer_capacity(s3.uri("writer", str(int(time.time()))))
+        proxy = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]), DELAY_MS / 1000)
+        try:
+            os.environ["AWS_ENDPOINT_URL"] = proxy.url
+            storage.forget_clients()
+            rates[f"S3, {DELAY_MS} ms each way"] = writer_capacity(
+                s3.uri("writer", f"{int(time.time())}-delayed"))
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
+            storage.forget_clients()
+            proxy.stop()
     print("\n## the driver's writer alone (200,000 rows in blocks of 2,048)")
     for where, rate in rates.items():
-        print(f"| {where:<12} | {rate:>9,.0f} rows/s |")
+        print(f"| {where:<22} | {rate:>9,.0f} rows/s |")
     return rates
 
 

@@ -295,12 +295,17 @@ def _label(todo: list[str], found: bundle.Bundle, options: LabelOptions, out: st
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
                 report()
+        writer.close()
         report()  # the pipeline has drained: what follows is the count of the output
     except storage.StorageError as exc:
         failure = f"cannot write to {out}: {exc}"
     except Exception as exc:  # a lost node or actor past Ray's retries: keep what came back
         failure = f"the pipeline failed: {type(exc).__name__}: {first_line(exc)}"
     if failure:
+        try:  # no write may still be going on when the output is counted
+            writer.close()
+        except storage.StorageError:
+            pass  # the output's count says which files it left unwritten
         print(f"clfsys: {failure}", file=sys.stderr)
     return failure
 

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
@@ -62,13 +62,25 @@ def read_output(output: str, columns: list[str]):
 
 class Writer:
     """Writes each block of rows to `output` as one Parquet file of its own run, atomically
-    (label.py makes blocks of at most BATCHES_PER_BLOCK batches, so a killed run loses little)."""
+    (label.py makes blocks of at most BATCHES_PER_BLOCK batches, so a killed run loses little).
+
+    Up to IN_FLIGHT files are written at once, on threads: on an object store each write waits
+    a round trip, and one after another they would cap every node's labelling at one driver's
+    round trips (through 10 ms each way, 27 ms a file: 75,000 rows/s in blocks of 2,048).
+    `written` counts the rows of files written whole; `write` raises the StorageError of an
+    earlier block's write, `close` waits for every write and raises the first failure."""
+
+    IN_FLIGHT = 8
 
     def __init__(self, output: str):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.output = output
         self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.written = 0
         self.files = 0
+        self._pool = ThreadPoolExecutor(self.IN_FLIGHT, thread_name_prefix="label-write")
+        self._pending: deque = deque()  # (future, rows), in the order they were written
 
     def write(self, table) -> None:
         import pyarrow.parquet as pq
@@ -77,11 +89,34 @@ class Writer:
             return
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        name = f"part-{self.run}-{self.files:05d}.parquet"
-        storage.retrying(lambda: storage.write_bytes(storage.join(self.output, name),
-                                                     buffer.getvalue()))
+        location = storage.join(self.output, f"part-{self.run}-{self.files:05d}.parquet")
         self.files += 1
-        self.written += table.num_rows
+        data = buffer.getvalue()
+        self._pending.append((self._pool.submit(
+            storage.retrying, lambda: storage.write_bytes(location, data)), table.num_rows))
+        while self._pending and (len(self._pending) > self.IN_FLIGHT or
+                                 self._pending[0][0].done()):
+            self._settle()
+
+    def close(self) -> None:
+        """Wait for every write; raise the first that failed (after all have ended)."""
+        from concurrent.futures import wait
+
+        wait([future for future, _ in self._pending])
+        self._pool.shutdown()
+        failure = None
+        while self._pending:
+            try:
+                self._settle()
+            except storage.StorageError as exc:
+                failure = failure or exc
+        if failure:
+            raise failure
+
+    def _settle(self) -> None:
+        future, rows = self._pending.popleft()
+        future.result()
+        self.written += rows
 
 
 def check_same_model(output: str, ids: set[str], model_id: str) -> None:
