@@ -7,10 +7,10 @@ environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REG
 GOOGLE_APPLICATION_CREDENTIALS, ...) and from the URI's own query string
 (`s3://bucket/key?endpoint_override=host:port`); clfsys has no credential flags of its own.
 
-Reads from S3 go through obstore (objectstore.py: one GET per object, many at once over pooled
-connections), configured from what pyarrow makes of the same URI and environment; everything
-else goes through pyarrow's filesystems. Failures to reach or read storage raise `StorageError`,
-which names the location. Nothing here imports TensorFlow or Ray.
+Reads and whole-file writes on S3 go through obstore (objectstore.py: one GET or one PUT per
+object, many at once over pooled connections), configured from what pyarrow makes of the same URI
+and environment; everything else goes through pyarrow's filesystems. Failures to reach or read
+storage raise `StorageError`, which names the location. Nothing here imports TensorFlow or Ray.
 """
 
 from __future__ import annotations
