@@ -371,3 +371,8 @@ def test_s3_to_s3_through_a_delay_reads_many_files_at_once_and_labels_each_once(
     asked = Counter(r for r in proxy.requests if "/delayed/in/" in r)
     assert set(asked) == {f"GET /{s3.bucket}/delayed/in/{n}" for n in names}, asked
     assert sum(asked.values()) == len(names) + report.SHEET_SIZE, asked
+    # Each output file is one PUT (then read back to be counted): no multipart upload.
+    parts = {storage.name(f) for f in label_output.output_files(output)}
+    written = [r for r in proxy.requests if "/delayed/out/part-" in r and
+               not r.startswith(("GET ", "HEAD "))]
+    assert sorted(written) == sorted(f"PUT /{s3.bucket}/delayed/out/{p}" for p in parts), written
