@@ -29,8 +29,8 @@ def read_all(locations: list[str], targets: list, attempts: int,
     in order; up to THREADS requested at once."""
     if len(locations) == 1:  # no thread hop for one
         return [_get(locations[0], *targets[0], attempts, first_wait_s)]
-    return list(_pool().map(_get, locations, *zip(*targets, strict=True),
-                            [attempts] * len(locations), [first_wait_s] * len(locations)))
+    return list(_pool().map(lambda pair: _get(pair[0], *pair[1], attempts, first_wait_s),
+                            zip(locations, targets, strict=True)))
 
 
 def target(location: str):
