@@ -128,10 +128,12 @@ def _configure_tensorflow(cpus: float) -> None:
     configure_gpu_memory_growth()
 
 
-def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[Any] = ()) -> None:
+def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[Any] = (),
+           deadline: float | None = None) -> None:
     """One trial. `base` is the search's Config, already set to train for tune.max_epochs
     quietly; `sample` is the dict Tune sampled from the search space (Tune's searchers and
-    schedulers work on dicts), turned into this trial's Config once."""
+    schedulers work on dicts), turned into this trial's Config once. `deadline` is when the
+    search's time budget ends, if the cosine decay is to fit it."""
     import keras
     from ray import tune
 
@@ -170,7 +172,7 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
         # a rung: their state travels in state.json with the checkpoint.
         train(cfg, dataset=dataset, work_dir=tune.get_context().get_trial_dir(),
               callbacks=[reporter, *callbacks], model=model, initial_epoch=state["epoch"],
-              callback_state=state.setdefault("callbacks", {}))
+              callback_state=state.setdefault("callbacks", {}), deadline=deadline)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -314,8 +316,12 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                                          "data.cache_path")
     resources = {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu}
     base = cfg.replace(**{"train.epochs": cfg.tune.max_epochs, "train.verbose": 0})
+    # Tune counts the budget from a little later (its first step), and a resumed search's anew.
+    deadline = (time.time() + cfg.tune.time_budget_s
+                if cfg.tune.time_budget_s and cfg.tune.fit_decay_to_budget else None)
     trainable = tune.with_resources(restore_only_whole(
-        tune.with_parameters(_trial, base=base, dataset=dataset, callbacks=list(callbacks)),
+        tune.with_parameters(_trial, base=base, dataset=dataset, callbacks=list(callbacks),
+                             deadline=deadline),
         checkpoints.recorded_is_whole), resources)
     if resume:
         # Tune restores the searcher and scheduler it saved when the search began.

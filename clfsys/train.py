@@ -87,6 +87,7 @@ def train(
     model: Any = None,
     initial_epoch: int = 0,
     callback_state: dict[str, dict] | None = None,
+    deadline: float | None = None,
 ) -> TrainResult:
     """Train the configured model; returns it holding the weights of its best epoch.
 
@@ -95,7 +96,8 @@ def train(
     `initial_epoch` continue a compiled model from a checkpoint; `callback_state` (see
     `state_keeper`) carries early stopping's and the LR schedule's counters across such a pause:
     they are read from it first and written into it every epoch, before any of `callbacks`
-    runs.
+    runs. `deadline` (a `time.time()`) fits a cosine decay to the epochs that still fit before
+    it (see `cosine_schedule`).
     """
     import keras
 
@@ -105,11 +107,11 @@ def train(
     if model is None:
         model = build_model(cfg.model, dataset.input_shape, len(dataset.class_names))
     tc = cfg.train
-    stateful = training_callbacks(tc, work_dir)
-    # Early stopping's and the LR plateau's counters carry on from one phase to the next, and
-    # across a pause when the caller keeps `callback_state`.
+    stateful = training_callbacks(tc, work_dir) + lr_schedule(cfg, deadline)
+    # Early stopping's, the LR plateau's and the cosine's counters carry on from one phase to
+    # the next, and across a pause when the caller keeps `callback_state`.
     state = callback_state if callback_state is not None else {}
-    all_callbacks = [*stateful, state_keeper(stateful, state), *lr_schedule(cfg)]
+    all_callbacks = [*stateful, state_keeper(stateful, state)]
     if work_dir is not None and tc.tensorboard:
         all_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(Path(work_dir) / "logs")))
     all_callbacks += list(callbacks)
@@ -184,22 +186,70 @@ COSINE_FLOOR = 0.01
 """Cosine decay ends at this fraction of the phase's learning rate."""
 
 
-def lr_schedule(cfg: Config) -> list[Any]:
-    """train.lr_decay's callback, if any: stateless, a function of the epoch number alone."""
-    import keras
-
-    if cfg.train.lr_decay != "cosine":
-        return []
-    return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: cosine_lr(cfg, epoch))]
+def lr_schedule(cfg: Config, deadline: float | None = None) -> list[Any]:
+    """train.lr_decay's callback, if any."""
+    return [cosine_schedule(cfg, deadline)] if cfg.train.lr_decay == "cosine" else []
 
 
-def cosine_lr(cfg: Config, epoch: int) -> float:
-    """train.lr_decay cosine: the learning rate of 0-based `epoch`, a half cosine over its
-    phase from the phase's learning rate down to COSINE_FLOOR of it."""
-    start, end = next((s, e) for s, e in phases(cfg) if s <= epoch < e)
-    progress = (epoch - start) / (end - start)
+def cosine_lr(cfg: Config, epoch: int, progress: float | None = None) -> float:
+    """train.lr_decay cosine: the learning rate of 0-based `epoch`, `progress` (by default
+    the epoch's share of its phase) along a half cosine from the phase's learning rate down to
+    COSINE_FLOOR of it."""
+    if progress is None:
+        start, end = phase_of(cfg, epoch)
+        progress = (epoch - start) / (end - start)
     return phase_lr(cfg, epoch) * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5
                                    * (1 + math.cos(math.pi * progress)))
+
+
+def phase_of(cfg: Config, epoch: int) -> tuple[int, int]:
+    return next((s, e) for s, e in phases(cfg) if s <= epoch < e)
+
+
+DEADLINE_SHARE = 0.95
+"""A fitted cosine plans its epochs into this share of the time left, for epochs that run
+slower than the last one."""
+
+
+def cosine_schedule(cfg: Config, deadline: float | None = None):
+    """The cosine decay as a Keras callback. Each epoch moves its phase's progress an equal
+    step towards the end of the phase: 1/epochs over a whole phase, the curve `cosine_lr`
+    draws. With a `deadline`, the phase's end is the last epoch that fits before it, judged
+    from the last epoch's wall time, once fewer fit than the phase has left: the decay ends
+    when training has to stop instead of being cut off at a high learning rate (a search's
+    time budget stopped the winner of a 30-minute search at a seventh of its peak rate).
+    `progress` and the `phase` it belongs to carry over a pause through `state_keeper`; a
+    checkpoint planned for another phase (another tune.max_epochs) goes on from the new curve.
+    """
+    import keras
+
+    class CosineDecay(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.progress, self.phase = 0.0, None  # of the next epoch; RESUMABLE
+            self.began = None
+            self.rate = self.step = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            start, end = phase_of(cfg, epoch)
+            if epoch == start or self.phase != [start, end]:
+                self.progress, self.phase = (epoch - start) / (end - start), [start, end]
+            now = time.time()
+            epochs_left = end - epoch
+            if deadline is not None and self.began is not None:
+                fit = int(DEADLINE_SHARE * (deadline - now) / max(now - self.began, 1e-3))
+                epochs_left = max(1, min(epochs_left, fit))
+            self.began = now
+            self.step = (1 - self.progress) / epochs_left
+            self.rate = cosine_lr(cfg, epoch, self.progress)
+            self.model.optimizer.learning_rate = self.rate
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.progress += self.step
+            if logs is not None:
+                logs["learning_rate"] = self.rate
+
+    return CosineDecay()
 
 
 def set_phase(model, cfg: Config, epoch: int) -> bool:
@@ -227,7 +277,7 @@ def set_phase(model, cfg: Config, epoch: int) -> bool:
 # that ReduceLROnPlateau lowered lives in the optimizer, which model.keras saves.
 RESUMABLE = {"EarlyStopping": ("wait", "best", "best_epoch", "stopped_epoch"),
              "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
-             "ModelCheckpoint": ("best",)}
+             "ModelCheckpoint": ("best",), "CosineDecay": ("progress", "phase")}
 
 
 def state_keeper(stateful: Sequence[Any], state: dict[str, dict]):
@@ -238,8 +288,11 @@ def state_keeper(stateful: Sequence[Any], state: dict[str, dict]):
     import keras
 
     def plain(value: Any) -> Any:
-        return None if value is None else (int(value) if isinstance(value, int | np.integer)
-                                           else float(value))
+        if value is None:
+            return None
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return int(value) if isinstance(value, int | np.integer) else float(value)
 
     class StateKeeper(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):

@@ -104,6 +104,11 @@ class TuneConfig:
                                                      "as many as resources allow).")
     time_budget_s: float | None = option(None, "Stop starting and running trials after this many "
                                                "seconds.")
+    fit_decay_to_budget: bool = option(True, "With tune.time_budget_s and train.lr_decay "
+                                             "cosine: each trial's cosine ends at the last "
+                                             "epoch that fits in the budget when fewer fit than "
+                                             "tune.max_epochs, instead of being cut off at a "
+                                             "high learning rate.")
     seed: int = option(0, "Seed of the searcher.")
     startup_trials: int | None = option(None, "optuna: configurations sampled at random before "
                                               "TPE models the results; default a third of "

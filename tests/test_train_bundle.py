@@ -61,6 +61,33 @@ def test_cosine_decay_follows_the_epoch_across_a_pause(image_folder):
     assert resumed.history["learning_rate"] == pytest.approx(expected[3:], rel=1e-5)
 
 
+def test_a_deadline_fits_the_cosine_decay_to_the_epochs_left(image_folder):
+    """With a deadline that has passed, every epoch is the last one that fits: from the second
+    epoch on (the first is the one that measures an epoch's time) the decay goes to its end,
+    and stays there across a pause; with a distant deadline, the curve is the plain one."""
+    import time
+
+    cfg = folder_config(image_folder, **{"train.epochs": 6, "train.lr_decay": "cosine"})
+    plain = [0.005 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * e / 6))) for e in range(6)]
+    distant = train(cfg, deadline=time.time() + 3600)
+    assert distant.history["learning_rate"] == pytest.approx(plain, rel=1e-5)
+
+    class PauseAfterEpoch3(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = epoch == 2
+
+    state: dict = {}
+    first = train(cfg, dataset=distant.dataset, callbacks=[PauseAfterEpoch3()],
+                  callback_state=state, deadline=time.time() - 1)
+    floor = 0.005 * 0.01
+    assert first.history["learning_rate"] == pytest.approx([plain[0], plain[1], floor],
+                                                           rel=1e-5)
+    assert state["CosineDecay"] == {"progress": 1.0, "phase": [0, 6]}
+    resumed = train(cfg, dataset=first.dataset, model=first.model, initial_epoch=3,
+                    callback_state=state)  # no deadline now: the decay has ended all the same
+    assert resumed.history["learning_rate"] == pytest.approx([floor] * 3, rel=1e-5)
+
+
 def assert_holds_the_best_epochs_weights(result) -> None:
     """Score the returned model on the validation split ourselves: its loss must be the best
     epoch's, i.e. the weights were restored (not just the epoch number computed)."""
