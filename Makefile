@@ -95,6 +95,7 @@ gpu-check: $(STAMP) seed-data
 bench-soak: $(STAMP) seed-data
 	$(BIN)/python benchmarks/soak.py --part serve
 	$(BIN)/python benchmarks/soak.py --part label
+	$(BIN)/python benchmarks/soak.py --part listing
 
 lint: $(STAMP)
 	$(BIN)/ruff check clfsys tests benchmarks jobs deploy

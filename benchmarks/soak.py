@@ -9,8 +9,9 @@
       (RssAnon, what a leak grows) is reported beside RSS, which also counts object-store and
       file pages.
   --part listing: the label driver's listing (`label.list_inputs`) of 50,000 and of --files
-      of those PNGs (local folders), each in a fresh process: seconds, and the growth of the
-      process's RSS (the paths it holds), per 100,000 inputs.
+      of those PNGs, each in a fresh process, from the local folders and from the same keys on
+      S3 (SeaweedFS on 127.0.0.1): seconds, and the growth of the process's RSS (the paths it
+      holds), per 100,000 inputs.
 
 Load goes to 127.0.0.1 only; every loop is bounded by time or count and stops by itself.
 """
@@ -102,16 +103,23 @@ def soak_serve(work: Path, bundle_dir: Path, minutes: float) -> dict:
             "replica_rss_flatness_after_1min": round(flatness(after), 3)}
 
 
-def soak_label(work: Path, bundle_dir: Path, files: int) -> dict:
+def small_pngs(work: Path, files: int) -> Path:
+    """`files` random 28x28 PNGs in subfolders of 1,000 (made once)."""
     from PIL import Image
 
     folder = work / f"pngs_{files}"
-    if not folder.exists():
+    if not (folder / "complete").exists():
         rng = np.random.default_rng(0)
         for i in range(files):
             target = folder / f"{i // 1000:04d}" / f"{i:07d}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(target)
+        (folder / "complete").touch()
+    return folder
+
+
+def soak_label(work: Path, bundle_dir: Path, files: int) -> dict:
+    folder = small_pngs(work, files)
     out = work / "labels"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     driver = subprocess.Popen([sys.executable, "-m", "clfsys.cli", "label", "--model",
@@ -158,22 +166,64 @@ def soak_label(work: Path, bundle_dir: Path, files: int) -> dict:
                 [s["actor_anon_mb"] for s in after]), 3)}
 
 
-def listing(folder: Path, count: int) -> dict:
-    """List the first `count` files of `folder` (its subfolders of 1,000) in a fresh process,
-    as `clfsys label --input DIR...` does before it starts Ray."""
+def listing(base: str, count: int, env: dict | None = None) -> dict:
+    """List the first `count` files under `base` (a folder or a URI; its subfolders of 1,000)
+    in a fresh process, as `clfsys label --input DIR...` does before it starts Ray. The storage
+    client is made (and its imports paid) before the RSS is first read."""
     child = f"""
 import json, os, time
+from clfsys import storage
 from clfsys.label import list_inputs
 def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-dirs = [{str(folder)!r} + f'/{{i:04d}}' for i in range({-(-count // 1000)})]
+dirs = [{base!r} + f'/{{i:04d}}' for i in range({-(-count // 1000)})]
+storage.is_file(dirs[0] + '/0000000.png')
 before, started = rss(), time.perf_counter()
 paths = list_inputs(dirs)
 print(json.dumps({{"inputs": len(paths), "seconds": time.perf_counter() - started,
                   "rss_growth_mb": (rss() - before) / 1e6}}))
 """
     done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True,
-                          text=True, check=True)
+                          text=True, check=True, env={**os.environ, **(env or {})})
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def upload(folder: Path, uri: str) -> None:
+    """Every PNG under `folder` to the same keys under `uri`, 32 writes at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clfsys import storage
+
+    files = sorted(folder.rglob("*.png"))
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda f: storage.write_bytes(
+            storage.join(uri, str(f.relative_to(folder))), f.read_bytes()), files))
+
+
+def listing_part(work: Path, files: int) -> dict:
+    from infra import S3Server
+
+    folder = small_pngs(work, files)
+    s3 = S3Server(work / "s3").start()
+    try:
+        os.environ.update(s3.env)
+        started = time.perf_counter()
+        upload(folder, s3.uri("listing"))
+        print(f"uploaded {files:,} PNGs to S3 in {time.perf_counter() - started:.0f} s")
+        result = {}
+        for where, base in (("local folders", str(folder)), ("S3", s3.uri("listing"))):
+            runs = [listing(base, count) for count in (50_000, files)]
+            for found in runs:
+                print(f"{where}: {found['inputs']:,} inputs listed in {found['seconds']:.2f} s;"
+                      f" driver RSS +{found['rss_growth_mb']:.1f} MB")
+            small, large = runs
+            per = ((large["rss_growth_mb"] - small["rss_growth_mb"]) /
+                   (large["inputs"] - small["inputs"]) * 1e5)
+            print(f"{where}: growth per 100,000 inputs between the two: {per:.1f} MB "
+                  "(target <= 50)")
+            result[where] = {"runs": runs, "growth_per_100k_mb": round(per, 1)}
+        return result
+    finally:
+        s3.stop()
 
 
 def main() -> None:
@@ -188,16 +238,8 @@ def main() -> None:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if args.part == "listing":
-        if not (work / f"pngs_{args.files}").is_dir():
-            sys.exit(f"no {work / f'pngs_{args.files}'}: run --part label first, which makes it")
-        runs = [listing(work / f"pngs_{args.files}", count) for count in (50_000, args.files)]
-        for found in runs:  # the growth includes what listing imports (storage's clients)
-            print(f"{found['inputs']:,} inputs listed in {found['seconds']:.2f} s; driver RSS "
-                  f"+{found['rss_growth_mb']:.1f} MB")
-        small, large = runs
-        per = ((large["rss_growth_mb"] - small["rss_growth_mb"]) /
-               (large["inputs"] - small["inputs"]) * 1e5)
-        print(f"growth per 100,000 inputs between the two: {per:.1f} MB (target <= 50)")
+        result = listing_part(work, args.files)
+        (work / "listing.json").write_text(json.dumps(result, indent=1))
         return
     bundle_dir = make_bundle(work / "bundle_fmnist_1", ["train.epochs=1", "data.limit=10000"])
     if args.part == "serve":

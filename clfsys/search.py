@@ -155,11 +155,15 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
         # when the one Tune recorded is gone (see raykit.restore_only_whole) or Tune's state
         # was saved before it recorded any. A trial that continues an earlier search's trial
         # starts from that one's checkpoint.
-        checkpoint = (tune.get_checkpoint() or checkpoints.newest_whole()
-                      or (checkpoints.at_location(continue_from) if continue_from else None))
+        checkpoint = tune.get_checkpoint() or checkpoints.newest_whole()
+        earlier = checkpoint is None and continue_from
+        if earlier:
+            checkpoint = checkpoints.at_location(continue_from)
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 state.update(json.loads((Path(folder) / "state.json").read_text()))
+                if earlier:  # its cosine may have been fitted to the earlier search's budget
+                    state.get("callbacks", {}).pop("CosineDecay", None)
                 shutil.copy(Path(folder) / "best.keras", scratch / "best.keras")
                 if state["epoch"] >= cfg.train.epochs:
                     # It had finished when a killed driver had not yet recorded the end: the
