@@ -166,7 +166,7 @@ def soak_label(work: Path, bundle_dir: Path, files: int) -> dict:
                 [s["actor_anon_mb"] for s in after]), 3)}
 
 
-def listing(base: str, count: int, env: dict | None = None) -> dict:
+def listing(base: str, count: int) -> dict:
     """List the first `count` files under `base` (a folder or a URI; its subfolders of 1,000)
     in a fresh process, as `clfsys label --input DIR...` does before it starts Ray. The storage
     client is made (and its imports paid) before the RSS is first read."""
@@ -183,7 +183,7 @@ print(json.dumps({{"inputs": len(paths), "seconds": time.perf_counter() - starte
                   "rss_growth_mb": (rss() - before) / 1e6}}))
 """
     done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True,
-                          text=True, check=True, env={**os.environ, **(env or {})})
+                          text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
