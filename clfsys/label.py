@@ -16,6 +16,7 @@ through Ray, so they run on any node. The driver writes every Parquet file itsel
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -61,7 +62,9 @@ class ReadBreaker:
     def __init__(self, give_up_after: int = 2, probe_every_s: float = 10.0,
                  most: int = READS_IN_FLIGHT):
         self.give_up_after, self.probe_every_s, self.most = give_up_after, probe_every_s, most
-        self.in_a_row, self.last, self.probed_at = 0, "", 0.0
+        # Never probed: the first probe is due at once. (0.0 would not do: time.monotonic()
+        # counts from boot, so on a machine up less than probe_every_s no probe was due.)
+        self.in_a_row, self.last, self.probed_at = 0, "", -math.inf
         self.window = 1
 
     @property
