@@ -182,7 +182,9 @@ def test_an_open_breaker_probes_and_a_successful_probe_reads_the_rest(tmp_path):
     files = [tmp_path / f"{i}.png" for i in range(3)]
     for f in files:
         f.write_bytes(png(np.zeros((28, 28), dtype=np.uint8)))
-    breaker = label.ReadBreaker(give_up_after=2, probe_every_s=3600)
+    # A probe interval longer than this machine has been up (time.monotonic() counts from
+    # boot): a breaker that never probed must still probe at once.
+    breaker = label.ReadBreaker(give_up_after=2, probe_every_s=time.monotonic() + 3600)
     breaker.in_a_row = 2  # storage was failing; no probe yet
     read = list(label.read_files([str(f) for f in files], breaker))
     assert read == [f.read_bytes() for f in files]  # the probe worked: all read, none skipped
