@@ -356,6 +356,17 @@ def writer_side(work: Path, s3) -> dict:
     return rates
 
 
+def upload(pairs) -> None:
+    """Each (local file, location) pair's bytes to its location, 32 writes at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clfsys import storage
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda pair: storage.write_bytes(pair[1], Path(pair[0]).read_bytes()),
+                      pairs))
+
+
 def reads_alone(s3, files: list[str], in_flight: int = 32, repeats: int = 3) -> dict:
     """Objects/s of the reader alone, `in_flight` reads at a time (one decode task's window),
     with and without DELAY_MS each way: `storage.read_many` against the reader it replaced
@@ -369,9 +380,7 @@ def reads_alone(s3, files: list[str], in_flight: int = 32, repeats: int = 3) -> 
 
     inputs = s3.uri("reads-alone")
     keys = [storage.join(inputs, f"{i:05d}{Path(f).suffix}") for i, f in enumerate(files)]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda kf: storage.write_bytes(kf[0], Path(kf[1]).read_bytes()),
-                      zip(keys, files, strict=True)))
+    upload(zip(files, keys, strict=True))
     proxy = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]), DELAY_MS / 1000)
     rates: dict[str, dict[str, float]] = {}
     try:

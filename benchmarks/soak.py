@@ -187,27 +187,19 @@ print(json.dumps({{"inputs": len(paths), "seconds": time.perf_counter() - starte
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def upload(folder: Path, uri: str) -> None:
-    """Every PNG under `folder` to the same keys under `uri`, 32 writes at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from clfsys import storage
-
-    files = sorted(folder.rglob("*.png"))
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda f: storage.write_bytes(
-            storage.join(uri, str(f.relative_to(folder))), f.read_bytes()), files))
-
-
 def listing_part(work: Path, files: int) -> dict:
     from infra import S3Server
+    from label import upload
+
+    from clfsys import storage
 
     folder = small_pngs(work, files)
     s3 = S3Server(work / "s3").start()
     try:
         os.environ.update(s3.env)
         started = time.perf_counter()
-        upload(folder, s3.uri("listing"))
+        upload((f, storage.join(s3.uri("listing"), str(f.relative_to(folder))))
+               for f in sorted(folder.rglob("*.png")))
         print(f"uploaded {files:,} PNGs to S3 in {time.perf_counter() - started:.0f} s")
         result = {}
         for where, base in (("local folders", str(folder)), ("S3", s3.uri("listing"))):
