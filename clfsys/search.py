@@ -134,10 +134,9 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
     quietly; `sample` is the dict Tune sampled from the search space (Tune's searchers and
     schedulers work on dicts), turned into this trial's Config once. `deadline` is when the
     search's time budget ends, if the cosine decay is to fit it."""
-    import keras
     from ray import tune
 
-    from clfsys.train import train
+    from clfsys.train import load_to_resume, train
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cfg = trial_config(base, sample)
@@ -170,7 +169,7 @@ def _trial(sample: dict[str, Any], base: Config, dataset, callbacks: Sequence[An
                     # last epoch is reported again, so that the search's record holds it.
                     reporter.report_again(Path(folder))
                     return
-                model = keras.saving.load_model(Path(folder) / "model.keras")  # + optimizer
+                model = load_to_resume(Path(folder) / "model.keras", cfg, state["epoch"])
             print(f"resuming from checkpoint at epoch {state['epoch']}", file=sys.stderr)
         # Early stopping's patience and the LR plateau's counter carry on across a pause at
         # a rung: their state travels in state.json with the checkpoint.

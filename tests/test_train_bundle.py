@@ -88,6 +88,30 @@ def test_a_deadline_fits_the_cosine_decay_to_the_epochs_left(image_folder):
     assert resumed.history["learning_rate"] == pytest.approx([floor] * 3, rel=1e-5)
 
 
+def test_a_resumed_run_does_not_depend_on_the_random_state_at_load(image_folder, tmp_path):
+    """Keras saves no layer's random state: a Dropout layer loaded from model.keras draws a new
+    seed from Python's global `random`, which each fresh process seeds from the OS. Two resumes
+    of one checkpoint, with `random` in two different states at load (as in two processes: two
+    runs of one seeded search), train to the same weights."""
+    import random
+
+    from clfsys.train import load_to_resume
+
+    cfg = folder_config(image_folder, **{"model.dropout": 0.5, "model.dense_dropout": 0.5,
+                                         "train.epochs": 1})
+    first = train(cfg)
+    first.model.save(tmp_path / "model.keras")
+    runs = []
+    for state in (1, 2):
+        random.seed(state)
+        model = load_to_resume(tmp_path / "model.keras", cfg, epoch=1)
+        runs.append(train(cfg.replace(**{"train.epochs": 3}), dataset=first.dataset,
+                          model=model, initial_epoch=1))
+    assert runs[0].history["loss"] == runs[1].history["loss"]
+    for a, b in zip(runs[0].model.get_weights(), runs[1].model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def assert_holds_the_best_epochs_weights(result) -> None:
     """Score the returned model on the validation split ourselves: its loss must be the best
     epoch's, i.e. the weights were restored (not just the epoch number computed)."""
