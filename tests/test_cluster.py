@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
+from conftest import ROOT, read_trials
 from infra import LocalCluster, can_isolate_nodes, clfsys_serve
 from PIL import Image
 
@@ -336,9 +336,8 @@ def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_pa
     done = subprocess.run(command + ["--resume"], cwd=ROOT, env=cluster.client_env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    import pandas as pd
 
-    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "trials.csv"))))
+    table = read_trials(storage.read_bytes(storage.join(out, "trials.csv")))
     assert len(table) == 4 and (table["status"] == "TERMINATED").all(), table.to_string()
     assert table["failure"].isna().all() and (table["epochs_run"] == 3).all()
     assert set(table["node_id"]) == {n["node_id"] for n in cluster.nodes()}
@@ -367,7 +366,7 @@ def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_pa
     assert warm.returncode == 0, warm.stderr[-4000:]
     assert result_line(warm)["warm_start"] == {"from": out, "earlier_trials": 4, "used": 4,
                                                "outside_space": 0, "continued": 1}
-    went = pd.read_csv(io.BytesIO(storage.read_bytes(s3.uri("warm-out", "trials.csv"))))
+    went = read_trials(storage.read_bytes(s3.uri("warm-out", "trials.csv")))
     assert list(went["continued_from"]) == [top["trial_id"]]
     assert list(went["epochs_run"]) == [4] and "resuming from checkpoint at epoch 3" in \
         warm.stderr
@@ -415,9 +414,8 @@ def test_a_search_on_s3_survives_a_lost_node(cluster, s3, tmp_path):
     finally:
         if 0 not in cluster.worker_sessions:
             cluster.restart_worker()
-    import pandas as pd
 
-    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "trials.csv"))))
+    table = read_trials(storage.read_bytes(storage.join(out, "trials.csv")))
     assert len(table) == 2 and (table["status"] == "TERMINATED").all(), table.to_string()
     assert (table["epochs_run"] == 3).all()
     lost = table[table["failures"] > 0]
@@ -553,7 +551,6 @@ def healthz_node(url: str) -> str:
 
 
 def test_a_submitted_gpu_search_runs_its_trials_on_the_gpu_node(cluster, s3, tmp_path):
-    import pandas as pd
 
     from clfsys import storage
 
@@ -580,8 +577,7 @@ def test_a_submitted_gpu_search_runs_its_trials_on_the_gpu_node(cluster, s3, tmp
             break
         time.sleep(3)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "trials.csv"))),
-                        dtype={"cuda_visible_devices": str})
+    table = read_trials(storage.read_bytes(storage.join(out, "trials.csv")))
     gpu_nodes = [n["node_id"] for n in cluster.nodes() if n["resources_total"].get("GPU")]
     assert len(table) == 2 and (table["status"] == "TERMINATED").all()
     assert len(gpu_nodes) == 1 and (table["node_id"] == gpu_nodes[0]).all()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, folder_config, needs_fashion_mnist, write_folder
+from conftest import ROOT, folder_config, needs_fashion_mnist, read_trials, write_folder
 
 from clfsys import bundle
 from clfsys.search import run_search
@@ -50,7 +50,7 @@ def test_search_writes_every_output_and_survives_nan_trials(tmp_path, capsys):
     out = tmp_path / "search"
     result = run_search(cfg, out)
 
-    table = pd.read_csv(out / "trials.csv")
+    table = read_trials(out / "trials.csv")
     assert table.equals(pd.read_parquet(out / "trials.parquet").astype(table.dtypes))
     assert len(table) == 8 and table["trial_id"].is_unique
     assert {"param.model.arch", "param.train.lr", "best_val_accuracy", "epochs_run",
@@ -120,7 +120,7 @@ def test_the_last_trial_standing_trains_on_every_free_cpu(tmp_path):
                            "tune.reduction_factor": 3})
     out = tmp_path / "search"
     run_search(cfg, out)
-    row = pd.read_csv(out / "trials.csv").iloc[0]
+    row = read_trials(out / "trials.csv").iloc[0]
     lines = Path(row["path"], "result.json").read_text().splitlines()
     reports = [json.loads(line) for line in lines if line.strip()]
     # Rungs at epochs 1 and 3. Alone after epoch 4 with 2 epochs left, the trial restarts from
@@ -153,7 +153,7 @@ def test_rays_async_asha_decides_each_trial_against_earlier_arrivals(tmp_path):
     assert all(later[0] > earlier[1] for earlier, later in zip(intervals, intervals[1:],
                                                                  strict=False))
     # So they run in trial-id order, and each is judged at rung 1 against those before it.
-    table = pd.read_csv(out / "trials.csv").sort_values("trial_id").reset_index(drop=True)
+    table = read_trials(out / "trials.csv").sort_values("trial_id").reset_index(drop=True)
     assert len(table) == 6 and (table["status"] == "TERMINATED").all()
     assert table.loc[0, "epochs_run"] == 3  # the first arrival has nothing to lose against
     fast_seen = table["param.train.lr"].eq(0.05).cummax().shift(fill_value=False)
@@ -213,7 +213,7 @@ def test_failed_trial_is_retried_from_its_checkpoint_and_tracked_in_mlflow(tmp_p
     marker = tmp_path / "failed.txt"
     result = run_search(cfg, tmp_path / "out", callbacks=[FailOnce(marker, epoch=2)])
     assert marker.exists()
-    table = pd.read_csv(tmp_path / "out" / "trials.csv")
+    table = read_trials(tmp_path / "out" / "trials.csv")
     assert (table["status"] == "TERMINATED").all() and (table["epochs_run"] == 4).all()
     # Epochs 1-2 ran, the failure hit epoch 3, the retry resumed at epoch 3: nothing repeated.
     for path in table["path"]:
@@ -317,7 +317,7 @@ def test_tpe_learns_from_rungs_and_a_warm_started_search_builds_on_its_trials(tm
     result = run_search(cfg, tmp_path / "first")
     chosen = [line for line in capfd.readouterr().err.splitlines()
               if line.startswith("optuna: trial ")]
-    first = pd.read_csv(tmp_path / "first" / "trials.csv")
+    first = read_trials(tmp_path / "first" / "trials.csv")
     assert result["trials"] == len(first) == len(chosen) == 3, chosen
     assert [line.split(" chosen by ")[1] for line in chosen] == [
         "random start-up from 0 completed, 0 stopped early, 0 under way",
@@ -348,7 +348,7 @@ def test_tpe_learns_from_rungs_and_a_warm_started_search_builds_on_its_trials(tm
     assert "optuna: told 2 earlier trials" in err
     top = inside.sort_values(["best_val_accuracy", "epochs_run", "trial_id"],
                              ascending=[False, False, True]).iloc[0]
-    second = pd.read_csv(tmp_path / "second" / "trials.csv")
+    second = read_trials(tmp_path / "second" / "trials.csv")
     went_on = second[second["continued_from"] == top["trial_id"]]
     assert len(went_on) == 1, second.to_string()
     epochs = [json.loads(line)["epoch"] for line in
@@ -385,7 +385,7 @@ def test_a_time_budget_on_the_default_search_writes_every_output(tmp_path, sched
         "data.limit=300", "tune.num_samples=12", "tune.max_epochs=3",
         "tune.time_budget_s=25", f"tune.scheduler={scheduler}", f"tune.searcher={searcher}"])
     result = run_search(cfg, tmp_path / "out")
-    table = pd.read_csv(tmp_path / "out" / "trials.csv")
+    table = read_trials(tmp_path / "out" / "trials.csv")
     assert table["trial_id"].is_unique and result["trials"] == len(table)
     ran = table[table["epochs_run"] > 0]
     pending = table[table["status"] == "NOT_STARTED"]

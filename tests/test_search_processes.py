@@ -7,9 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
-from conftest import ROOT, job_config
+from conftest import ROOT, job_config, read_trials
 from infra import kill_sessions
 from search_job import epochs_begun, went_on
 
@@ -70,7 +69,7 @@ def test_resume_after_the_driver_is_killed_goes_on_where_each_trial_was(tmp_path
     done = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    table = pd.read_csv(out / "trials.csv")
+    table = read_trials(out / "trials.csv")
     assert len(table) == 3 and table["trial_id"].is_unique
     assert (table["status"] == "TERMINATED").all(), table.to_string()
     assert table["failure"].isna().all()
@@ -139,7 +138,7 @@ def test_a_search_decodes_a_folder_once_in_all_its_processes(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = driver.communicate(timeout=600)
     assert driver.returncode == 0, stderr[-3000:]
-    table = pd.read_csv(out / "trials.csv")
+    table = read_trials(out / "trials.csv")
     assert list(table["status"]) == ["TERMINATED"] * 2 and (table["epochs_run"] == 1).all()
     assert sorted(p.parent.name.split("-")[0]
                   for p in (out / "ray" / "decoded").glob("*/manifest.json")) == ["train", "val"]
