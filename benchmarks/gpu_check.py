@@ -119,7 +119,7 @@ def check_search(rows: list[dict], work: Path) -> Path:
                         "--set", "data.limit=6000", "--set", "tune.num_samples=4",
                         "--set", "tune.max_epochs=2", "--set", "tune.scheduler=none",
                         "--set", "tune.resources.gpu=0.5", "--set", "tune.max_concurrent_trials=2")
-    table = pd.read_csv(work / "search" / "trials.csv")
+    table = pd.read_parquet(work / "search" / "trials.parquet")
     devices = set(table["cuda_visible_devices"].astype(str))
     shared = watch.most_processes >= 2 and len(devices) == 1
     rows.append({"step": "search, 4 trials at gpu 0.5",

@@ -62,7 +62,7 @@ def search(overrides: dict, out: Path) -> tuple[dict, Any]:
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["curve"] = tune_curve(out / "ray" / "search", wall_clock)
     result["reached_s"] = first_reach(result["curve"])
-    return result, pd.read_csv(out / "trials.csv")
+    return result, pd.read_parquet(out / "trials.parquet")  # typed: an all-digit id stays text
 
 
 def tune_curve(experiment: Path, started: float) -> list[tuple[float, float]]:
@@ -387,7 +387,7 @@ def selection(args, search_out: Path, overrides: dict) -> dict:
 
     from clfsys.errors import IncompleteError
 
-    table = pd.read_csv(search_out / "trials.csv")
+    table = pd.read_parquet(search_out / "trials.parquet")
     finished = table[table["status"] == "TERMINATED"].sort_values(
         "best_val_accuracy", ascending=False, kind="stable")
     top = finished.iloc[0]
