@@ -336,7 +336,6 @@ def test_search_on_s3_runs_on_both_nodes_retries_and_resumes(cluster, s3, tmp_pa
     done = subprocess.run(command + ["--resume"], cwd=ROOT, env=cluster.client_env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-
     table = read_trials(storage.read_bytes(storage.join(out, "trials.csv")))
     assert len(table) == 4 and (table["status"] == "TERMINATED").all(), table.to_string()
     assert table["failure"].isna().all() and (table["epochs_run"] == 3).all()
@@ -414,7 +413,6 @@ def test_a_search_on_s3_survives_a_lost_node(cluster, s3, tmp_path):
     finally:
         if 0 not in cluster.worker_sessions:
             cluster.restart_worker()
-
     table = read_trials(storage.read_bytes(storage.join(out, "trials.csv")))
     assert len(table) == 2 and (table["status"] == "TERMINATED").all(), table.to_string()
     assert (table["epochs_run"] == 3).all()
@@ -551,7 +549,6 @@ def healthz_node(url: str) -> str:
 
 
 def test_a_submitted_gpu_search_runs_its_trials_on_the_gpu_node(cluster, s3, tmp_path):
-
     from clfsys import storage
 
     config = search_config(tmp_path, s3.uri("gpu-tune"))
