@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -43,14 +44,47 @@ def haproxy_binary() -> str | None:
     return resolve()
 
 
-def free_port(host: str = "127.0.0.1", below: int = 65536) -> int:
-    """A port free now on `host` (below `below`)."""
-    while True:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port < below:
+# Ports that a server picked here then binds: above Ray's worker ports (10002-19999 by default)
+# and outside the kernel's ephemeral range, which every outgoing connection draws from. A port
+# from bind(0) is ephemeral, and a client socket could take it before its server binds it.
+FIRST_PORT = 20000
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+    return range(int(low), int(high) + 1)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", twin: int = 0) -> int:
+    """A port free now on `host`, outside the ephemeral range where there is room; with `twin`,
+    one whose `port + twin` is free too (SeaweedFS binds each port's +10000 for gRPC)."""
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in range(FIRST_PORT, 65536 - twin)
+                  if p not in ephemeral and p + twin not in ephemeral]
+    pick = secrets.SystemRandom()  # not `random`: training seeds it, and every process alike
+    for _ in range(1000):
+        if candidates:
+            port = pick.choice(candidates)
+        else:  # the whole range is ephemeral here: take what the kernel hands out
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        if port + twin < 65536 and _bindable(host, port) and (
+                not twin or _bindable(host, port + twin)):
             return port
+    raise OSError(f"no free port on {host}")
 
 
 def port_is_free(port: int) -> bool:

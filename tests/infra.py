@@ -31,16 +31,14 @@ from clfsys.processes import in_sessions
 BIN = Path(sys.executable).parent
 
 
-def _port_pair() -> int:
-    """A port below 55535 whose +10000 twin (SeaweedFS' gRPC port) is free too."""
-    while True:
-        port = free_port(below=55535)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
+def _port_pairs(n: int) -> list[int]:
+    """`n` different ports, each with its +10000 twin (SeaweedFS' gRPC port) free too."""
+    ports: set[int] = set()
+    while len(ports) < n:
+        port = free_port(twin=10000)
+        if not {port, port + 10000, port - 10000} & ports:
+            ports.add(port)
+    return sorted(ports)
 
 
 def kill_sessions(*sids: int) -> None:
@@ -59,7 +57,7 @@ class S3Server:
         self.root = Path(root)
         self.bucket = bucket
         self.access_key, self.secret_key = "clfsys-test", secrets.token_hex(16)
-        self.ports = {k: _port_pair() for k in ("s3", "master", "volume", "filer")}
+        self.ports = dict(zip(("s3", "master", "volume", "filer"), _port_pairs(4)))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
                     "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1",

@@ -129,6 +129,21 @@ def predictor(trained_bundle):
     return Predictor(trained_bundle)
 
 
+def test_a_picked_port_is_free_and_not_one_an_outgoing_connection_can_take():
+    """Servers here bind ports picked in advance; a port from the kernel's ephemeral range
+    could go to any client socket first (CI: SeaweedFS' gRPC port taken, 17 tests lost)."""
+    from clfsys.ingress import _ephemeral_ports
+
+    ephemeral = _ephemeral_ports()
+    for twin in (0, 10000):
+        for _ in range(50):
+            port = free_port(twin=twin)
+            assert port not in ephemeral and port + twin not in ephemeral, (port, ephemeral)
+            for p in {port, port + twin}:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+
+
 def test_haproxy_listens_on_loopback_only(endpoint):
     from clfsys import ingress
 
