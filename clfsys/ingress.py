@@ -58,8 +58,10 @@ def _ephemeral_ports() -> range:
     return range(int(low), int(high) + 1)
 
 
-def _bindable(host: str, port: int) -> bool:
+def _bindable(host: str, port: int, reuse: bool = False) -> bool:
     with socket.socket() as s:
+        if reuse:  # a port left in TIME_WAIT counts as free, as for a server that reuses it
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -88,13 +90,8 @@ def free_port(host: str = "127.0.0.1", twin: int = 0) -> int:
 
 
 def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
+    """Free on every interface (TIME_WAIT allowed): where a server about to start would bind."""
+    return _bindable("", port, reuse=True)
 
 
 def configure_local(choice: str, host: str, run_dir: Path) -> str:

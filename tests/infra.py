@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ class S3Server:
         self.root = Path(root)
         self.bucket = bucket
         self.access_key, self.secret_key = "clfsys-test", secrets.token_hex(16)
-        self.ports = dict(zip(("s3", "master", "volume", "filer"), _port_pairs(4)))
+        self.ports = dict(zip(("s3", "master", "volume", "filer"), _port_pairs(4), strict=True))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
                     "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1",

@@ -136,3 +136,13 @@ def test_export_images(tmp_path):
 def test_serve_without_its_token_variable_is_a_user_error(trained_bundle):
     env_free = clfsys("serve", "--model", trained_bundle, "--auth-token-env", "NO_SUCH_VAR_X")
     assert_user_error(env_free, "--auth-token-env NO_SUCH_VAR_X")
+
+
+@pytest.mark.slow
+def test_serve_on_a_metrics_port_in_use_is_a_user_error(trained_bundle):
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = clfsys("serve", "--model", trained_bundle, "--metrics-port", port)
+    assert_user_error(done, f"--metrics-port {port} is in use")
