@@ -11,6 +11,7 @@ Processes are started in sessions of their own and stopped by those session ids,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,21 +319,24 @@ class DelayProxy:
     capping bandwidth (each direction is a queue of (due time, bytes)); tc/netem is not
     available on this kernel. It records each HTTP request line ("GET /bucket/key?query") in
     `requests`, and counts the most GETs in flight at once: a GET is in flight from its first
-    bytes reaching the proxy until its answer's first bytes do."""
+    bytes reaching the proxy until its answer's first bytes do.
+
+    It is built on asyncio's protocols (a callback per chunk, one timer per direction), not its
+    streams: a relay that costs CPU takes it from what it measures on a small machine, where
+    real network latency costs none (see `_Side`)."""
 
     def __init__(self, target_port: int, delay_s: float):
-        import asyncio
         import threading
 
         self.target_port, self.delay_s = target_port, delay_s
         self.in_flight = self.most_in_flight = 0
         self.requests: list[str] = []
-        self._writers: set = set()
+        self._sides: set[_Side] = set()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._connection, "127.0.0.1", 0), self.loop).result(30)
+        self.server = asyncio.run_coroutine_threadsafe(self.loop.create_server(
+            lambda: _Side(self, client=True), "127.0.0.1", 0), self.loop).result(30)
         self.port = self.server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -340,69 +345,107 @@ class DelayProxy:
         return sum(r.startswith("GET ") for r in self.requests)
 
     def stop(self) -> None:
-        import asyncio
-
         async def shutdown() -> None:  # connections still open end here, not at exit
             self.server.close()
-            for writer in self._writers:
-                writer.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            await asyncio.wait(tasks, timeout=5) if tasks else None
+            for side in list(self._sides):
+                side.transport.abort()
+            await asyncio.sleep(0)  # their connection_lost, which closes the socket, runs first
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
-    async def _connection(self, client_reader, client_writer) -> None:
-        import asyncio
+    def _connect(self, client: _Side) -> None:
+        """Open the upstream side of a client's connection; the client is read once it is up."""
+        async def connect() -> None:
+            try:
+                upstream, _ = await self.loop.create_connection(
+                    lambda: _Side(self, peer=client), "127.0.0.1", self.target_port)
+            except OSError:
+                client.transport.close()
+                return
+            if client.transport.is_closing():  # the client left meanwhile
+                upstream.close()
+            else:
+                client.transport.resume_reading()
 
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(
-                "127.0.0.1", self.target_port)
-        except OSError:
-            client_writer.close()
-            return
-        self._writers |= {client_writer, upstream_writer}
-        waiting = [""]  # the method of this connection's request that is not answered yet
-        await asyncio.gather(self._pump(client_reader, upstream_writer, waiting, True),
-                             self._pump(upstream_reader, client_writer, waiting, False),
-                             return_exceptions=True)
+        client.transport.pause_reading()
+        asyncio.ensure_future(connect(), loop=self.loop)
 
-    async def _pump(self, reader, writer, waiting: list[str], requests: bool) -> None:
-        import asyncio
+    def _chunk(self, side: _Side, data: bytes) -> None:
+        """Count requests and GETs in flight from the first bytes of each request and answer."""
+        pair = side if side.client else side.peer
+        if side.client and not pair.waiting:  # a request begins
+            line = data.split(b"\r\n", 1)[0].decode("latin-1").rsplit(" ", 1)[0]
+            self.requests.append(line)
+            pair.waiting = line.split(" ", 1)[0]
+            if pair.waiting == "GET":
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        elif not side.client and pair.waiting:  # its answer begins
+            if pair.waiting == "GET":
+                self.in_flight -= 1
+            pair.waiting = ""
 
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
 
-        async def deliver():
-            while True:
-                due, data = await queue.get()
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                if not data:
-                    writer.close()
-                    return
-                writer.write(data)
-                await writer.drain()
+class _Side(asyncio.Protocol):
+    """One end of a proxied connection (the client's, or the one to the target): what it
+    receives, its peer writes `delay_s` later, in order (a queue and one timer per direction).
+    A full write buffer on one side pauses reading on the other, as a TCP window would."""
 
-        delivery = asyncio.create_task(deliver())
-        try:
-            while True:
-                data = await reader.read(1 << 16)
-                if requests and data and not waiting[0]:  # a request begins
-                    line = data.split(b"\r\n", 1)[0].decode("latin-1").rsplit(" ", 1)[0]
-                    self.requests.append(line)
-                    waiting[0] = line.split(" ", 1)[0]
-                    if waiting[0] == "GET":
-                        self.in_flight += 1
-                        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-                elif not requests and data and waiting[0]:
-                    if waiting[0] == "GET":
-                        self.in_flight -= 1
-                    waiting[0] = ""
-                await queue.put((loop.time() + self.delay_s, data))
-                if not data:
-                    break
-        except ConnectionError:
-            await queue.put((loop.time(), b""))
-        await delivery
-        self._writers.discard(writer)
+    def __init__(self, proxy: DelayProxy, client: bool = False, peer: _Side | None = None):
+        self.proxy, self.client, self.peer = proxy, client, peer
+        self.waiting = ""  # (client side) the method of the request not answered yet
+        self.transport = None
+        self.pending: deque = deque()  # (due, bytes, or None to close) for this side to write
+        self.timer = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.proxy._sides.add(self)
+        if self.client:
+            self.proxy._connect(self)
+        else:  # the upstream side of an accepted client connection
+            self.peer.peer = self
+
+    def data_received(self, data: bytes) -> None:
+        self.proxy._chunk(self, data)
+        self.peer.send_later(data)
+
+    def eof_received(self) -> bool:
+        self.peer.send_later(None)
+        return True  # stay open: what the peer still sends this way is delivered first
+
+    def connection_lost(self, exc) -> None:
+        self.proxy._sides.discard(self)
+        if self.peer is not None:
+            self.peer.send_later(None)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def send_later(self, data: bytes | None) -> None:
+        loop = self.proxy.loop
+        self.pending.append((loop.time() + self.proxy.delay_s, data))
+        if self.timer is None:
+            self.timer = loop.call_at(self.pending[0][0], self._deliver)
+
+    def _deliver(self) -> None:
+        self.timer = None
+        now = self.proxy.loop.time()
+        while self.pending and self.pending[0][0] <= now:
+            _, data = self.pending.popleft()
+            if self.transport.is_closing():
+                self.pending.clear()
+                return
+            if data is None:
+                self.transport.close()
+                return
+            self.transport.write(data)
+        if self.pending:
+            self.timer = self.proxy.loop.call_at(self.pending[0][0], self._deliver)
